@@ -1,0 +1,26 @@
+# Both targets set everything up themselves: a .venv beside this file, atoll
+# installed into it in editable mode with the extras the target needs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.atoll-installed
+WORKDIR ?= runs/demo
+
+.PHONY: demo test clean-venv
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# The main job: train the tiny LM on the embedded corpus (the running Python's
+# standard library), then compare its bits per byte with the unigram bar.
+demo: $(STAMP)
+	$(PY) -m atoll.experiments.train_lm --config=atoll/configs/lm.py:tiny --workdir=$(WORKDIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""ml_collections config files; each module's docstring is a recipe."""

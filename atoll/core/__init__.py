@@ -1,0 +1,1 @@
+"""Math: pure functions and flax.linen modules. No mesh, no I/O."""

@@ -1,0 +1,1 @@
+"""Text corpora, token stores and batch iterators."""

@@ -1,0 +1,1 @@
+"""Benchmarks: JSON lines; each measures its baseline in the same run."""

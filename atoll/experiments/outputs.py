@@ -1,0 +1,105 @@
+"""What a run leaves in its workdir: config.json, metrics.jsonl, tb/,
+summary.json and plots. Only process 0 writes."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+
+
+def is_writer() -> bool:
+    return jax.process_index() == 0
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to metrics.jsonl and mirrors
+    scalars to TensorBoard (tb/)."""
+
+    def __init__(self, workdir: Path):
+        self.path = workdir / "metrics.jsonl"
+        self._tb = None
+        self.enabled = is_writer()
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(workdir / "tb"))
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(workdir: Path) -> list[dict]:
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(workdir: Path, after_step: int) -> None:
+    """Drops rows logged after `after_step` (a resumed run recomputes them)."""
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.exists() or not is_writer():
+        return
+    rows = [r for r in read_metrics(workdir) if r["step"] <= after_step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    if is_writer():
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+        tmp.replace(path)
+
+
+def plot_loss(workdir: Path, *, unit: str, scale: float, bar: float | None, bar_label: str) -> Path | None:
+    """Train and validation loss curves (in `unit`, i.e. nats × scale) as loss.png."""
+    if not is_writer():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(workdir)
+    train = [(r["step"], r["loss"] * scale) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"] * scale) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation", lw=1.5)
+    if bar is not None:
+        ax.axhline(bar, color="gray", ls="--", lw=1, label=bar_label)
+    ax.set_xlabel("step")
+    ax.set_ylabel(unit)
+    ax.set_title(workdir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = workdir / "loss.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v

@@ -1,0 +1,1 @@
+"""One script per paper: --preset=ci|full --out=DIR."""

@@ -1,0 +1,222 @@
+"""Train a decoder-only LM on a mesh.
+
+    python -m atoll.experiments.train_lm --config=atoll/configs/lm.py:tiny --workdir=runs/tiny \
+        [--config.train.steps=2000 --config.mesh.fsdp=2 ...]
+
+Writes into --workdir: config.json, metrics.jsonl, tb/, checkpoints/,
+summary.json and loss.png. Rerunning with the same workdir resumes from the
+latest checkpoint, exactly (same params as an uninterrupted run).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+from tqdm.auto import tqdm
+
+from atoll.configs import lm as lm_config
+from atoll.configs.validation import ConfigError
+from atoll.core import optim
+from atoll.core.transformer import Transformer, TransformerConfig, count_params
+from atoll.data import text
+from atoll.experiments import outputs
+from atoll.parallel import checkpoint, mesh as mesh_lib, runtime, sharding, train_state
+
+_CONFIG = config_flags.DEFINE_config_file("config", "atoll/configs/lm.py:tiny", "LM config file[:variant].")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs and checkpoints.")
+_STOP_AT = flags.DEFINE_integer("stop_at_step", None, "Save and stop at this step (the run resumes later).")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+# Fields that fix the shapes of the saved state: a workdir's checkpoints only fit these.
+_STATE_FIELDS = ("model",)
+
+
+def _check_workdir_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
+    saved_path = workdir / "config.json"
+    if not saved_path.exists():
+        return
+    saved = json.loads(saved_path.read_text())
+    now = json.loads(config.to_json_best_effort())
+    diffs = [
+        f"{section}.{k}: {saved.get(section, {}).get(k)!r} -> {now[section].get(k)!r}"
+        for section in _STATE_FIELDS
+        for k in sorted(set(saved.get(section, {})) | set(now[section]))
+        if saved.get(section, {}).get(k) != now[section].get(k)
+    ]
+    if diffs:
+        raise ConfigError(
+            f"{workdir} holds a run with a different model ({'; '.join(diffs)}); "
+            "resume it with its own config or choose a new --workdir"
+        )
+
+
+def _check_against_mesh(config, mesh) -> None:
+    sizes = mesh_lib.mesh_sizes(mesh)
+    batch_shards = sizes["data"] * sizes["fsdp"]
+    if config.train.batch_size % batch_shards:
+        raise ConfigError(
+            f"config.train.batch_size = {config.train.batch_size} must be divisible by data × fsdp = "
+            f"{batch_shards} (the batch is split over both)"
+        )
+    if config.model.d_model % sizes["fsdp"]:
+        raise ConfigError(f"config.model.d_model = {config.model.d_model} must be divisible by "
+                          f"mesh fsdp = {sizes['fsdp']}")
+
+
+def _global_batch(local_BT: np.ndarray, mesh) -> jax.Array:
+    return jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), local_BT)
+
+
+def _local_rows(rows: np.ndarray) -> np.ndarray:
+    n = len(rows) // jax.process_count()
+    return rows[jax.process_index() * n: (jax.process_index() + 1) * n]
+
+
+def evaluate(eval_step, params, windows_NT1: np.ndarray, batch_size: int, mesh) -> float:
+    losses = [
+        eval_step(params, _global_batch(_local_rows(windows_NT1[i: i + batch_size]), mesh))
+        for i in range(0, len(windows_NT1), batch_size)
+    ]
+    return float(np.mean(jax.device_get(losses)))
+
+
+def train(
+    config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at_step: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Trains (or resumes) the run in `workdir`; returns the summary dict."""
+    lm_config.validate(config)
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    _check_workdir_config(workdir, config)
+    mesh = mesh_lib.make_mesh(dict(config.mesh))
+    _check_against_mesh(config, mesh)
+
+    c, t = config.model, config.train
+    corpus = text.load_corpus(config.data.path, glob=config.data.glob, val_fraction=config.data.val_fraction,
+                              cache_dir=config.data.cache_dir, progress=progress)
+    if corpus.vocab_size > c.vocab_size:
+        raise ConfigError(f"config.model.vocab_size = {c.vocab_size} is smaller than the data's "
+                          f"vocabulary ({corpus.vocab_size} tokens in {corpus.source})")
+    model = Transformer(TransformerConfig.from_dict(c))
+    tx, schedule = optim.adamw(
+        t.lr, warmup_steps=t.warmup_steps, total_steps=t.steps, min_lr_ratio=t.min_lr_ratio,
+        b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
+    )
+    seq_len = config.data.seq_len
+    data = text.BatchIterator(corpus.train, global_batch=t.batch_size, seq_len=seq_len, seed=config.seed,
+                              process_index=jax.process_index(), process_count=jax.process_count())
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, extra = ckpt.restore(latest, train_state.abstract_state(model, tx, mesh, seq_len))
+        data.restore(extra["data"])
+        outputs.truncate_metrics(workdir, latest)
+    else:
+        state = train_state.init_state(model, tx, mesh, seq_len, jax.random.key(config.seed))
+    outputs.write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
+
+    step_fn = train_state.make_train_step(model, tx, mesh, seq_len)
+    eval_fn = train_state.make_eval_step(model, mesh, train_state.state_shardings(model, tx, mesh, seq_len)["params"])
+    val_windows = text.eval_windows(corpus.val, num_windows=t.eval_batches * t.batch_size, seq_len=seq_len)
+    writer = outputs.MetricsWriter(workdir)
+    to_bits = (1 / np.log(2)) if corpus.is_bytes else None
+    unit = "bits_per_byte" if corpus.is_bytes else "bits_per_token"
+    tokens_per_step = t.batch_size * seq_len
+
+    step = int(jax.device_get(state["step"]))
+    end = t.steps if stop_at_step is None else min(t.steps, stop_at_step)
+    rates, val_loss, compiling = [], None, True
+    bar = tqdm(total=t.steps, initial=step, desc=f"train {config.name}", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    last_time, last_step = time.perf_counter(), step
+    while step < end:
+        state, metrics = step_fn(state, _global_batch(next(data), mesh))
+        step += 1
+        bar.update(1)
+        row = {}
+        if step % t.log_every == 0 or step == end:
+            m = jax.device_get(metrics)
+            now = time.perf_counter()
+            rate = (step - last_step) * tokens_per_step / (now - last_time)
+            if not compiling:  # the first interval after (re)start holds compilation
+                rates.append(rate)
+            compiling = False
+            last_time, last_step = now, step
+            row.update(loss=float(m["loss"]), grad_norm=float(m["grad_norm"]),
+                       learning_rate=float(schedule(step - 1)), tokens_per_sec=rate)
+            bar.set_postfix(loss=f"{row['loss']:.3f}")
+        if step % t.eval_every == 0 or step == t.steps:
+            val_loss = evaluate(eval_fn, state["params"], val_windows, t.batch_size, mesh)
+            row["val_loss"] = val_loss
+            if to_bits:
+                row["val_bits_per_byte"] = val_loss * to_bits
+            last_time = time.perf_counter()  # evaluation time is not training throughput
+        if row:
+            writer.write(step, row)
+        if step % t.checkpoint_every == 0 or step == end:
+            ckpt.save(step, state, {"data": data.state()})
+    bar.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+
+    if val_loss is None:  # resumed a finished run, or stopped before any evaluation
+        val_loss = evaluate(eval_fn, state["params"], val_windows, t.batch_size, mesh)
+    unigram = text.unigram_bits_per_token(corpus)
+    summary = {
+        "config": config.name,
+        "step": step,
+        "finished": step >= t.steps,
+        "params": count_params(state["params"]),
+        "val_loss": val_loss,
+        f"val_{unit}": val_loss / np.log(2),
+        f"unigram_{unit}": unigram,
+        "tokens_per_sec": float(np.median(rates)) if rates else None,
+        "devices": jax.device_count(),
+        "mesh": mesh_lib.mesh_sizes(mesh),
+        "data": corpus.source,
+    }
+    outputs.write_json(workdir / "summary.json", summary)
+    outputs.plot_loss(workdir, unit=unit.replace("_", " "), scale=1 / np.log(2), bar=unigram,
+                      bar_label=f"unigram ({unigram:.2f})")
+    return summary
+
+
+def report(summary: dict, workdir: Path) -> str:
+    unit = "bits_per_byte" if "val_bits_per_byte" in summary else "bits_per_token"
+    val, bar = summary[f"val_{unit}"], summary[f"unigram_{unit}"]
+    state = "finished" if summary["finished"] else "stopped (rerun the same command to resume)"
+    return (
+        f"{state} at step {summary['step']}\n"
+        f"validation: {val:.3f} {unit.replace('_', ' ')}  vs  unigram bar {bar:.3f}  "
+        f"({bar - val:+.3f} below the bar)\n"
+        f"outputs in {workdir}: config.json metrics.jsonl summary.json loss.png tb/ checkpoints/"
+    )
+
+
+def main(argv) -> None:
+    del argv
+    runtime.apply_xla_defaults()
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    if not _WORKDIR.value:
+        sys.exit("error: --workdir is required")
+    try:
+        summary = train(_CONFIG.value, _WORKDIR.value, stop_at_step=_STOP_AT.value, progress=_PROGRESS.value)
+    except (ConfigError, mesh_lib.MeshError, text.DataError, checkpoint.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if outputs.is_writer():
+        print(report(summary, Path(_WORKDIR.value).absolute()))
+
+
+if __name__ == "__main__":
+    app.run(main)

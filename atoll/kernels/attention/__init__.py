@@ -1,0 +1,77 @@
+"""`atoll.kernels.attention`: one entry point, several backends.
+
+    attention(q, k, v, *, causal=False, segment_ids=None, sm_scale=None,
+              implementation=None)
+
+Layout [batch, seq, heads, head_dim]; k/v may have fewer heads than q
+(grouped-query attention). `implementation`:
+  None     the best available backend: "cudnn" on a GPU (fp16/bf16), else "xla"
+  "xla"    the reference (plain einsums, fp32 softmax); runs everywhere
+  "cudnn"  cuDNN fused attention via jax.nn.dot_product_attention (GPU only)
+The Pallas backend arrives with the flash-attention issue.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from atoll.kernels.attention.cudnn import attention_cudnn
+from atoll.kernels.attention.reference import attention_reference
+
+IMPLEMENTATIONS = ("xla", "cudnn")
+
+_BACKENDS = {"xla": attention_reference, "cudnn": attention_cudnn}
+
+
+def default_implementation(dtype) -> str:
+    """The backend `implementation=None` resolves to for this platform and dtype."""
+    on_gpu = jax.default_backend() == "gpu"
+    if on_gpu and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return "cudnn"
+    return "xla"
+
+
+def attention(
+    q_BTNK: jax.Array,
+    k_BSHK: jax.Array,
+    v_BSHK: jax.Array,
+    *,
+    causal: bool = False,
+    segment_ids=None,
+    sm_scale: float | None = None,
+    implementation: str | None = None,
+    return_lse: bool = False,
+):
+    """Scaled dot-product attention; see the module docstring for the contract."""
+    _check_shapes(q_BTNK, k_BSHK, v_BSHK)
+    if implementation is None:
+        implementation = default_implementation(q_BTNK.dtype)
+    if implementation not in _BACKENDS:
+        raise ValueError(
+            f"attention implementation {implementation!r} is unknown; "
+            f"choose one of {list(IMPLEMENTATIONS)} or None (automatic)"
+        )
+    return _BACKENDS[implementation](
+        q_BTNK, k_BSHK, v_BSHK, causal=causal, segment_ids=segment_ids,
+        sm_scale=sm_scale, return_lse=return_lse,
+    )
+
+
+def _check_shapes(q, k, v) -> None:
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            "attention expects [batch, seq, heads, head_dim] arrays; got shapes "
+            f"q={q.shape}, k={k.shape}, v={v.shape}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {k.shape} vs {v.shape}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {q.shape} and k {k.shape} differ in batch or head_dim")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(
+            f"kv heads ({k.shape[2]}) must divide query heads ({q.shape[2]})"
+        )
+
+
+__all__ = ["attention", "attention_reference", "default_implementation", "IMPLEMENTATIONS"]

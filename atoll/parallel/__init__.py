@@ -1,0 +1,1 @@
+"""Placement and communication: meshes, sharding rules, sharded train state."""

@@ -1,0 +1,31 @@
+"""Process start-up: XLA flags atoll sets by default.
+
+Call `apply_xla_defaults()` at the top of an entry point, before JAX touches
+a device (XLA reads XLA_FLAGS when the backend starts). A flag the user
+already set in XLA_FLAGS wins; ATOLL_XLA_DEFAULTS=0 turns the defaults off.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Measured on one H100 (docs/BENCHMARKS.md): cuBLAS beats XLA's Triton GEMM
+# emitter on the LM step's bf16 matmuls. CPU builds accept and ignore them.
+DEFAULT_XLA_FLAGS = {
+    "xla_gpu_enable_triton_gemm": "false",
+}
+
+
+def xla_flags_with_defaults(current: str, defaults: dict[str, str] = DEFAULT_XLA_FLAGS) -> str:
+    """`current` XLA_FLAGS plus every default whose flag it does not set."""
+    present = {tok.lstrip("-").split("=", 1)[0] for tok in current.split()}
+    added = [f"--{k}={v}" for k, v in defaults.items() if k not in present]
+    return " ".join([current.strip(), *added]).strip()
+
+
+def apply_xla_defaults() -> str:
+    """Adds atoll's default XLA flags to the environment; returns the result."""
+    if os.environ.get("ATOLL_XLA_DEFAULTS", "1") == "0":
+        return os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = xla_flags_with_defaults(os.environ.get("XLA_FLAGS", ""))
+    return os.environ["XLA_FLAGS"]

@@ -1,0 +1,61 @@
+"""The one table that maps logical axes to mesh axes.
+
+Model code annotates parameters and activations with logical names only;
+this module is the single place that decides where they live on the mesh.
+Parameter axes and activation axes have separate names (`embed` vs
+`act_embed`) because FSDP shards a weight's embed dimension while the
+activations' embed dimension stays whole.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")
+
+RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+    ("layers", None),
+    # activations
+    ("act_batch", BATCH_AXES),
+    ("act_length", "context"),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+
+def logical_rules():
+    """The rules in the form flax.linen's `logical_axis_rules` context takes."""
+    return RULES
+
+
+def logical_to_spec(logical_axes: tuple[str | None, ...]) -> P:
+    """PartitionSpec for one array annotated with logical axis names."""
+    return nn.logical_to_mesh_axes(logical_axes, RULES)
+
+
+def tree_shardings(boxed_tree, mesh: jax.sharding.Mesh):
+    """NamedShardings for a pytree whose leaves may be flax LogicallyPartitioned boxes
+    (e.g. `jax.eval_shape` of an init function); unannotated leaves are replicated."""
+    return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_tree), mesh, RULES)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
+    """Token batches [B, ...] are split over data × fsdp and replicated elsewhere."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
