@@ -41,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.num_kv_heads = 4
     m.head_dim = 32
     m.mlp_dim = 512
-    m.tie_embeddings = True
+    m.tie_embeddings = False
     m.dtype = "float32"
     m.param_dtype = "float32"
     m.attention_impl = ml_collections.FieldReference(None, field_type=str)

@@ -32,7 +32,7 @@ class TransformerConfig:
     num_kv_heads: int = 4
     head_dim: int = 32
     mlp_dim: int = 512
-    tie_embeddings: bool = True
+    tie_embeddings: bool = False
     dtype: str = "float32"  # compute dtype; params stay in param_dtype
     param_dtype: str = "float32"
     attention_impl: str | None = None  # None = best for the platform
@@ -171,7 +171,10 @@ class Transformer(nn.Module):
             positions_BT = jnp.arange(tokens_BT.shape[1])[None]
         rope = rotary_tables(positions_BT, c.head_dim, c.rope_theta)
         embedding_VD = self.param(
-            "embedding", _param(c.init_std if not c.tie_embeddings else 1.0, "vocab", "embed"),
+            # Unit-scale rows into the residual stream. The table is not split over
+            # its vocab axis: a row lookup from a vocab-sharded table cannot be
+            # partitioned without gathering the table.
+            "embedding", _param(1.0, "table_vocab", "embed"),
             (c.vocab_size, c.d_model), c.param_dtype,
         )
         x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(c.dtype)
@@ -193,7 +196,9 @@ class Transformer(nn.Module):
 
         x_BTD = RMSNorm(c.norm_eps, c.dtype, name="final_norm")(x_BTD)
         if c.tie_embeddings:
-            # Tied head: unit-variance embedding rows, logits scaled by 1/sqrt(D).
+            # Tied head: logits scaled by 1/sqrt(D). At init the residual stream is
+            # mostly the token's own embedding, so a tied head starts out favouring
+            # "repeat the current token" (loss above log V); untied starts uniform.
             head_DV = embedding_VD.T * (c.d_model ** -0.5)
         else:
             head_DV = self.param(

@@ -10,6 +10,7 @@ latest checkpoint, exactly (same params as an uninterrupted run).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -88,11 +89,17 @@ def evaluate(eval_step, params, windows_NT1: np.ndarray, batch_size: int, mesh) 
     return float(np.mean(jax.device_get(losses)))
 
 
+@dataclasses.dataclass
+class RunResult:
+    summary: dict
+    state: dict  # the final train state (sharded arrays)
+
+
 def train(
     config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at_step: int | None = None,
     progress: bool = True,
-) -> dict:
-    """Trains (or resumes) the run in `workdir`; returns the summary dict."""
+) -> RunResult:
+    """Trains (or resumes) the run in `workdir`."""
     lm_config.validate(config)
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -188,7 +195,7 @@ def train(
     outputs.write_json(workdir / "summary.json", summary)
     outputs.plot_loss(workdir, unit=unit.replace("_", " "), scale=1 / np.log(2), bar=unigram,
                       bar_label=f"unigram ({unigram:.2f})")
-    return summary
+    return RunResult(summary, state)
 
 
 def report(summary: dict, workdir: Path) -> str:
@@ -210,7 +217,8 @@ def main(argv) -> None:
     if not _WORKDIR.value:
         sys.exit("error: --workdir is required")
     try:
-        summary = train(_CONFIG.value, _WORKDIR.value, stop_at_step=_STOP_AT.value, progress=_PROGRESS.value)
+        summary = train(_CONFIG.value, _WORKDIR.value, stop_at_step=_STOP_AT.value,
+                        progress=_PROGRESS.value).summary
     except (ConfigError, mesh_lib.MeshError, text.DataError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

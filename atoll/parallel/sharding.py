@@ -18,6 +18,7 @@ BATCH_AXES = ("data", "fsdp")
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # parameters
     ("vocab", "tensor"),
+    ("table_vocab", None),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),

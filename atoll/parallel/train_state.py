@@ -68,7 +68,7 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation, state: State,
     loss, grads = jax.value_and_grad(lambda p: loss_fn(model, p, tokens_BT1))(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
 

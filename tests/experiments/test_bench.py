@@ -1,0 +1,32 @@
+import json
+import os
+import subprocess
+import sys
+
+from atoll.parallel.runtime import xla_flags_with_defaults
+
+
+def test_lm_step_prints_the_contract_and_the_baseline_ratio():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run(
+        [sys.executable, "-m", "atoll.experiments.bench.lm_step", "--config=atoll/configs/lm.py:tiny",
+         "--steps=2", "--warmup=1", "--config.train.batch_size=8", "--config.model.num_layers=1",
+         "--config.data.seq_len=32"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [r["impl"] for r in rows] == ["plain_flax", "plain_flax_atoll_flags", "atoll"]
+    last = rows[-1]
+    assert {"config", "step_time_s", "tokens_per_sec", "mfu", "device"} <= set(last)
+    assert last["config"] == "lm:tiny" and last["mfu"] is None  # no known peak on CPU
+    assert last["step_time_s"] > 0
+    assert abs(last["tokens_per_sec"] - 8 * 32 / last["step_time_s"]) < 1e-6 * last["tokens_per_sec"]
+    ratio = rows[0]["step_time_s"] / last["step_time_s"]
+    assert abs(last["speedup_vs_plain_flax"] - ratio) < 1e-9
+    assert "xla_gpu_enable_triton_gemm=false" in last["xla_flags"]
+    assert "xla_gpu_enable_triton_gemm" not in rows[0]["xla_flags"]
+
+
+def test_xla_defaults_never_override_the_user():
+    assert xla_flags_with_defaults("", {"a": "1"}) == "--a=1"
+    assert xla_flags_with_defaults("--a=0 --b=2", {"a": "1", "c": "3"}) == "--a=0 --b=2 --c=3"

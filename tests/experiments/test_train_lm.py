@@ -1,0 +1,129 @@
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from atoll.configs import lm
+from atoll.configs.validation import ConfigError
+from atoll.experiments import outputs
+from atoll.experiments.train_lm import train
+
+
+def small_config(**train_overrides):
+    c = lm.get_config("tiny")
+    c.model.update(d_model=32, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16, mlp_dim=64)
+    c.data.seq_len = 32
+    c.train.update(steps=20, batch_size=8, warmup_steps=2, log_every=5, eval_every=10, eval_batches=1,
+                   checkpoint_every=5)
+    c.train.update(**train_overrides)
+    c.mesh.update(data=2, fsdp=2, tensor=2)
+    return c
+
+
+def test_loss_decreases_on_the_corpus(tmp_path):
+    c = small_config(steps=60, eval_every=30, log_every=10, lr=3e-3)
+    result = train(c, tmp_path / "run", progress=False)
+    rows = outputs.read_metrics(tmp_path / "run")
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert losses[0] > 3.5  # started near uniform over 256 bytes (5.5 nats)
+    s = result.summary
+    assert s["val_bits_per_byte"] < 6.0, s  # uniform over bytes is 8 bits; the unigram bar is ~4.6
+    for name in ("config.json", "metrics.jsonl", "summary.json", "loss.png"):
+        assert (tmp_path / "run" / name).exists(), name
+    assert any((tmp_path / "run" / "tb").iterdir())
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert {"val_bits_per_byte", "unigram_bits_per_byte", "tokens_per_sec"} <= set(saved)
+    assert all(r["learning_rate"] > 0 for r in rows if "learning_rate" in r)
+
+
+def test_resume_is_exact(tmp_path):
+    """2k steps straight == k steps, stop, resume for k more: identical params."""
+    c = small_config()
+    straight = train(c, tmp_path / "straight", progress=False)
+    first = train(c, tmp_path / "resumed", stop_at_step=10, progress=False)
+    assert first.summary["step"] == 10 and not first.summary["finished"]
+    second = train(c, tmp_path / "resumed", progress=False)
+    assert second.summary["step"] == 20 and second.summary["finished"]
+    leaves_a = jax.tree.leaves(straight.state)
+    leaves_b = jax.tree.leaves(second.state)
+    assert len(leaves_a) == len(leaves_b)
+    for a, b in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    steps = [r["step"] for r in outputs.read_metrics(tmp_path / "resumed")]
+    assert steps == sorted(set(steps)), "a resumed run must not duplicate metric rows"
+    # Rerunning a finished run trains nothing and keeps its params.
+    third = train(c, tmp_path / "resumed", progress=False)
+    for a, b in zip(leaves_b, jax.tree.leaves(third.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_resume_with_a_different_model_is_refused_and_loses_nothing(tmp_path):
+    c = small_config(steps=5)
+    train(c, tmp_path / "run", progress=False)
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    c.model.d_model = 64
+    with pytest.raises(ConfigError, match=r"model\.d_model: 32 -> 64"):
+        train(c, tmp_path / "run", progress=False)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+
+
+def test_resume_onto_another_mesh(tmp_path):
+    c = small_config(steps=10)
+    train(c, tmp_path / "run", stop_at_step=5, progress=False)
+    c.mesh.update(data=-1, fsdp=1, tensor=1)
+    result = train(c, tmp_path / "run", progress=False)
+    assert result.summary["step"] == 10 and result.summary["mesh"]["data"] == 8
+
+
+def _cli(*args, cwd):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-m", "atoll.experiments.train_lm", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_cli_bad_config_fails_naming_the_field(tmp_path):
+    config = os.path.join(os.getcwd(), "atoll/configs/lm.py:tiny")
+    out = _cli(f"--config={config}", f"--workdir={tmp_path}/w", "--config.model.dtype=bf17", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "config.model.dtype = 'bf17' is not allowed" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = _cli(f"--config={config}", f"--workdir={tmp_path}/w", "--config.mesh.data=3", cwd=tmp_path)
+    assert out.returncode == 2 and "needs 3 devices but 8 are available" in out.stderr
+    out = _cli(f"--config={config}", f"--workdir={tmp_path}/w", "--config.model.no_such_field=1", cwd=tmp_path)
+    assert out.returncode != 0 and "no_such_field" in out.stderr
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_cli_trains_and_reports(tmp_path):
+    config = os.path.join(os.getcwd(), "atoll/configs/lm.py:tiny")
+    out = _cli(f"--config={config}", f"--workdir={tmp_path}/w", "--config.train.steps=4", "--config.train.log_every=2",
+               "--config.model.num_layers=1", "--config.data.seq_len=32", "--config.train.eval_batches=1",
+               "--progress=false", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "bits per byte" in out.stdout and "unigram bar" in out.stdout
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("model.remat", "sometimes", "config.model.remat = 'sometimes' is not allowed"),
+    ("model.num_kv_heads", 3, "config.model.num_kv_heads = 3 must divide config.model.num_heads = 4"),
+    ("train.lr", -1.0, "config.train.lr = -1.0 must be a positive number"),
+    ("data.val_fraction", 0.9, "config.data.val_fraction = 0.9 must lie in"),
+])
+def test_validation_names_the_field(field, value, message):
+    c = lm.get_config("tiny")
+    section, name = field.split(".")
+    c[section][name] = value
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        lm.validate(c)
+
+
+def test_every_variant_validates():
+    for variant in lm.VARIANTS:
+        lm.validate(lm.get_config(variant))
+    with pytest.raises(ValueError, match="unknown lm config variant"):
+        lm.get_config("huge")
