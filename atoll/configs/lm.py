@@ -134,7 +134,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         if not isinstance(size, int) or size == 0 or size < -1:
             raise v.ConfigError(f"config.mesh.{axis} = {size!r} must be a positive int or -1")
     if c.mesh.island not in (1,):
-        raise v.ConfigError("config.mesh.island must be 1 for train_lm; island training has its own trainer")
+        raise v.ConfigError(f"config.mesh.island = {c.mesh.island}: train_lm trains one island; "
+                            "low-communication (island) training is not built yet, use island=1")
     tensor = c.mesh.tensor
     if tensor > 1:
         for field in ("num_heads", "num_kv_heads", "mlp_dim", "vocab_size"):

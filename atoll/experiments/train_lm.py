@@ -121,21 +121,21 @@ def train(
     seq_len = config.data.seq_len
     data = text.BatchIterator(corpus.train, global_batch=t.batch_size, seq_len=seq_len, seed=config.seed,
                               process_index=jax.process_index(), process_count=jax.process_count())
+    shardings = train_state.state_shardings(model, tx, mesh, seq_len)
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
     latest = ckpt.latest_step()
     if latest is not None:
-        state, extra = ckpt.restore(latest, train_state.abstract_state(model, tx, mesh, seq_len))
+        state, extra = ckpt.restore(latest, train_state.abstract_state(model, tx, seq_len, shardings))
         data.restore(extra["data"])
         outputs.truncate_metrics(workdir, latest)
     else:
-        state = train_state.init_state(model, tx, mesh, seq_len, jax.random.key(config.seed))
+        state = train_state.init_state(model, tx, mesh, seq_len, jax.random.key(config.seed), shardings)
     outputs.write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
 
-    step_fn = train_state.make_train_step(model, tx, mesh, seq_len)
-    eval_fn = train_state.make_eval_step(model, mesh, train_state.state_shardings(model, tx, mesh, seq_len)["params"])
+    step_fn = train_state.make_train_step(model, tx, mesh, seq_len, shardings)
+    eval_fn = train_state.make_eval_step(model, mesh, shardings["params"])
     val_windows = text.eval_windows(corpus.val, num_windows=t.eval_batches * t.batch_size, seq_len=seq_len)
     writer = outputs.MetricsWriter(workdir)
-    to_bits = (1 / np.log(2)) if corpus.is_bytes else None
     unit = "bits_per_byte" if corpus.is_bytes else "bits_per_token"
     tokens_per_step = t.batch_size * seq_len
 
@@ -164,8 +164,8 @@ def train(
         if step % t.eval_every == 0 or step == t.steps:
             val_loss = evaluate(eval_fn, state["params"], val_windows, t.batch_size, mesh)
             row["val_loss"] = val_loss
-            if to_bits:
-                row["val_bits_per_byte"] = val_loss * to_bits
+            if corpus.is_bytes:
+                row["val_bits_per_byte"] = text.bits_per_token(val_loss)
             last_time = time.perf_counter()  # evaluation time is not training throughput
         if row:
             writer.write(step, row)
@@ -185,7 +185,7 @@ def train(
         "finished": step >= t.steps,
         "params": count_params(state["params"]),
         "val_loss": val_loss,
-        f"val_{unit}": val_loss / np.log(2),
+        f"val_{unit}": text.bits_per_token(val_loss),
         f"unigram_{unit}": unigram,
         "tokens_per_sec": float(np.median(rates)) if rates else None,
         "devices": jax.device_count(),

@@ -42,17 +42,17 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, mesh, se
     return sharding.tree_shardings(abstract, mesh)
 
 
-def abstract_state(model: nn.Module, tx: optax.GradientTransformation, mesh, seq_len: int):
-    """ShapeDtypeStructs with shardings: the restore target for a checkpoint."""
-    shardings = state_shardings(model, tx, mesh, seq_len)
+def abstract_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: int, shardings):
+    """ShapeDtypeStructs with `shardings` (from state_shardings): the restore target for a checkpoint."""
     shapes = jax.eval_shape(lambda r: nn.meta.unbox(_init_boxed(model, tx, seq_len, r)), jax.random.key(0))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
-def init_state(model: nn.Module, tx: optax.GradientTransformation, mesh, seq_len: int, rng: jax.Array) -> State:
+def init_state(model: nn.Module, tx: optax.GradientTransformation, mesh, seq_len: int, rng: jax.Array,
+               shardings=None) -> State:
     """Initializes params and optimizer state directly into their shardings
     (no full copy ever materializes on one device)."""
-    shardings = state_shardings(model, tx, mesh, seq_len)
+    shardings = shardings or state_shardings(model, tx, mesh, seq_len)
     init = jax.jit(lambda r: nn.meta.unbox(_init_boxed(model, tx, seq_len, r)), out_shardings=shardings)
     with mesh_context(mesh):
         return init(rng)
@@ -80,9 +80,10 @@ def _in_mesh(fn: Callable, mesh) -> Callable:
     return call
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh, seq_len: int) -> Callable:
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh, seq_len: int,
+                    shardings=None) -> Callable:
     """(state, tokens [B, T+1]) -> (state, metrics); the input state is donated."""
-    shardings = state_shardings(model, tx, mesh, seq_len)
+    shardings = shardings or state_shardings(model, tx, mesh, seq_len)
     step = jax.jit(
         lambda s, b: train_step(model, tx, s, b),
         in_shardings=(shardings, sharding.batch_sharding(mesh)),
