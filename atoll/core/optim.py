@@ -27,6 +27,14 @@ def adamw(
     return optax.chain(*parts), schedule
 
 
+def adamw_from_config(t):
+    """`adamw` with every hyperparameter from a config's `train` section."""
+    return adamw(
+        t.lr, warmup_steps=t.warmup_steps, total_steps=t.steps, min_lr_ratio=t.min_lr_ratio,
+        b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
+    )
+
+
 def decay_mask(params):
     """True for leaves that weight decay applies to: everything but norm scales
     (judged by name, since stacked layers give scales two dimensions)."""

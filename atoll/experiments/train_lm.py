@@ -114,10 +114,7 @@ def train(
         raise ConfigError(f"config.model.vocab_size = {c.vocab_size} is smaller than the data's "
                           f"vocabulary ({corpus.vocab_size} tokens in {corpus.source})")
     model = Transformer(TransformerConfig.from_dict(c))
-    tx, schedule = optim.adamw(
-        t.lr, warmup_steps=t.warmup_steps, total_steps=t.steps, min_lr_ratio=t.min_lr_ratio,
-        b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
-    )
+    tx, schedule = optim.adamw_from_config(t)
     seq_len = config.data.seq_len
     data = text.BatchIterator(corpus.train, global_batch=t.batch_size, seq_len=seq_len, seed=config.seed,
                               process_index=jax.process_index(), process_count=jax.process_count())

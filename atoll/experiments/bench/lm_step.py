@@ -118,8 +118,7 @@ def measure_atoll(config, steps: int, warmup: int) -> dict:
     c, t = TransformerConfig.from_dict(config.model), config.train
     mesh = mesh_lib.make_mesh(dict(config.mesh))
     model = Transformer(c)
-    tx, _ = optim.adamw(t.lr, warmup_steps=t.warmup_steps, total_steps=t.steps, weight_decay=t.weight_decay,
-                        grad_clip=t.grad_clip, b1=t.b1, b2=t.b2)
+    tx, _ = optim.adamw_from_config(t)
     state = train_state.init_state(model, tx, mesh, config.data.seq_len, jax.random.key(0))
     if count_params(state["params"]) != flops.total_params(c):
         raise AssertionError("atoll.core.flops disagrees with the model's parameter count")

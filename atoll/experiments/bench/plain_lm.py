@@ -68,11 +68,10 @@ def make_plain_step(c: TransformerConfig, seq_len: int, lr: float = 3e-4):
         logits = model.apply({"params": params}, tokens[:, :-1])
         return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
-    @jax.jit
     def step(state, tokens):
         params, opt_state = state
         loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss
 
-    return state, jax.jit(step.__wrapped__, donate_argnums=(0,))
+    return state, jax.jit(step, donate_argnums=(0,))
