@@ -14,6 +14,27 @@ Variants, chosen by the argument after the colon:
             python -m atoll.experiments.bench.lm_step --config=atoll/configs/lm.py:gpu_350m
             python -m atoll.experiments.train_lm --config=atoll/configs/lm.py:gpu_350m --workdir=runs/350m
 
+Low-communication training (islands). `outer.method` picks the outer loop,
+`mesh.island` the number of islands M; train.batch_size stays the global
+batch (each island gets batch_size / M), so every method sees the same tokens.
+
+  ddp               gradients all-reduced across islands every step (the baseline)
+  diloco            DiLoCo: outer SGD, Nesterov, lr 0.7, momentum 0.9, every H steps
+  fedavg            parameter averaging every H steps (outer lr 1, no momentum)
+  streaming_diloco  P fragments on staggered steps, τ-step delayed application,
+                    α-mixing, quantized exchange (fp32 | bf16 | int8 | fp4 = E3M0)
+  noloco            no all-reduce: pairs of islands gossip (shared-seed matching)
+  co2, async_diloco one-round-delayed outer step (CO2: gap penalty λ, momentum clip)
+  edit              EDiT's pseudo-gradient penalty (anomalies, norm weights, clip)
+  sparseloco        chunked top-k of an error-feedback buffer, 2-bit values
+
+  python -m atoll.experiments.train_lm --config=atoll/configs/lm.py:tiny --workdir=runs/diloco \
+      --config.mesh.island=4 --config.outer.method=diloco --config.outer.H=30
+  Expected on a 2-core CPU (M=4, 400 steps): final val loss within a few % of
+  --config.outer.method=ddp while exchanging 30x fewer bytes (summary.json:
+  bytes_per_island, ddp_bytes_per_island). The side-by-side study is
+  python -m atoll.experiments.reproduce.low_communication --preset=ci --out=runs/lowcomm
+
 Any field can be overridden: --config.model.num_layers=8 --config.mesh.fsdp=2.
 Mesh axes (mesh.*) multiply to the device count; one may be -1 ("the rest").
 """
@@ -75,10 +96,72 @@ def base_config() -> ml_collections.ConfigDict:
     t.checkpoint_every = 500
     t.keep_checkpoints = 2
 
+    c.outer = outer_config()
+
     c.mesh = ml_collections.ConfigDict(
         {"island": 1, "data": -1, "fsdp": 1, "expert": 1, "context": 1, "tensor": 1}
     )
     return c
+
+
+OUTER_METHODS = ("none", "ddp") + ("diloco", "fedavg", "streaming_diloco", "noloco", "co2", "async_diloco",
+                                   "edit", "sparseloco")
+
+# Outer lr and momentum per method when the config leaves them unset (-1), from
+# the papers' and reference codes' defaults (../shared/research/low_communication.md).
+OUTER_DEFAULTS = {
+    "diloco": (0.7, 0.9),          # DiLoCo; every PyTorch reimplementation
+    "fedavg": (1.0, 0.0),
+    "streaming_diloco": (0.4, 0.9),  # Streaming DiLoCo's outer lr (secondary source)
+    "noloco": (0.7, 0.5),          # gensyn noloco_mean_* configs (heavy-ball)
+    "co2": (1.0, 0.5),             # fairscale-CO2 defaults
+    "async_diloco": (0.7, 0.0),    # PCCL example: plain SGD, no momentum
+    "edit": (0.7, 0.8),            # atorch EDiT example
+    "sparseloco": (1.0, 0.0),      # templar: outer SGD lr 1, error feedback instead of momentum
+}
+
+
+def outer_config() -> ml_collections.ConfigDict:
+    o = ml_collections.ConfigDict()
+    o.method = "none"
+    o.H = 30               # inner steps per outer round
+    o.lr = -1.0            # -1: the method's default (OUTER_DEFAULTS)
+    o.momentum = -1.0
+    o.nesterov = True
+    o.fragments = 1        # streaming_diloco: P
+    o.pattern = "strided"  # streaming_diloco: strided | sequential
+    o.tau = 1              # streaming_diloco: steps between a fragment's send and its application
+    o.alpha = 0.5          # streaming_diloco: θ_local ← α·θ_local + (1−α)·θ_outer
+    o.quantization = "fp32"  # on the wire: fp32 | bf16 | int8 | fp4
+    o.gap_penalty = 1.0    # co2: λ
+    o.clip = 0.0           # co2: elementwise momentum clip (0 = off)
+    o.edit_warmup = 120    # edit: syncs before anomaly detection starts
+    o.edit_ewma_alpha = 0.02
+    o.edit_z_threshold = 3.0
+    o.edit_temperature = 1.0
+    o.edit_clip = 0.0      # edit: global-norm clip of the averaged Δ (0 = off)
+    o.topk_chunk = 4096    # sparseloco: chunk size (64x64)
+    o.topk_k = 64          # sparseloco: entries kept per chunk (1.56 %)
+    o.topk_bins = 4        # sparseloco: 2-bit values
+    o.ef_decay = 0.95      # sparseloco: error-feedback decay β
+    return o
+
+
+def outer_spec(c: ml_collections.ConfigDict):
+    """The validated OuterSpec for an island method, or None (none / ddp)."""
+    from atoll.core.outer import OuterSpec
+
+    o = c.outer
+    if o.method in ("none", "ddp"):
+        return None
+    lr, momentum = OUTER_DEFAULTS[o.method]
+    return OuterSpec(
+        method=o.method, H=o.H, lr=lr if o.lr < 0 else o.lr, momentum=momentum if o.momentum < 0 else o.momentum,
+        nesterov=o.nesterov, fragments=o.fragments, pattern=o.pattern, tau=o.tau, alpha=o.alpha,
+        quantization=o.quantization, seed=c.seed, gap_penalty=o.gap_penalty, clip=o.clip or None,
+        edit_warmup=o.edit_warmup, edit_ewma_alpha=o.edit_ewma_alpha, edit_z_threshold=o.edit_z_threshold,
+        edit_temperature=o.edit_temperature, edit_clip=o.edit_clip or None, topk_chunk=o.topk_chunk,
+        topk_k=o.topk_k, topk_bins=o.topk_bins, ef_decay=o.ef_decay)
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
@@ -133,12 +216,55 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for axis, size in c.mesh.items():
         if not isinstance(size, int) or size == 0 or size < -1:
             raise v.ConfigError(f"config.mesh.{axis} = {size!r} must be a positive int or -1")
-    if c.mesh.island not in (1,):
-        raise v.ConfigError(f"config.mesh.island = {c.mesh.island}: train_lm trains one island; "
-                            "low-communication (island) training is not built yet, use island=1")
+    _validate_outer(c)
     tensor = c.mesh.tensor
     if tensor > 1:
         for field in ("num_heads", "num_kv_heads", "mlp_dim", "vocab_size"):
             if m[field] % tensor:
                 raise v.ConfigError(f"config.model.{field} = {m[field]} must be divisible by "
                                     f"config.mesh.tensor = {tensor} (tensor parallelism splits it)")
+
+
+def _validate_outer(c: ml_collections.ConfigDict) -> None:
+    from atoll.core.outer import PATTERNS, WIRE_FORMATS
+
+    o, islands = c.outer, c.mesh.island
+    v.choice(c, "outer.method", OUTER_METHODS)
+    if o.method == "none":
+        if islands not in (1, -1):
+            raise v.ConfigError(
+                f"config.mesh.island = {islands} needs an outer loop: set config.outer.method to 'ddp' or "
+                f"one of {list(OUTER_METHODS[2:])}")
+        return
+    if islands == -1:
+        raise v.ConfigError("config.mesh.island must be given explicitly (not -1) for island training")
+    v.positive(c, "outer.H", "outer.fragments", "outer.gap_penalty", "outer.edit_temperature",
+               "outer.topk_chunk", "outer.topk_k", "outer.topk_bins")
+    v.non_negative(c, "outer.tau", "outer.clip", "outer.edit_warmup", "outer.edit_clip")
+    v.in_range(c, "outer.alpha", 0.0, 1.0)
+    v.in_range(c, "outer.ef_decay", 0.0, 1.0)
+    v.in_range(c, "outer.edit_ewma_alpha", 0.0, 1.0)
+    v.choice(c, "outer.pattern", PATTERNS)
+    v.choice(c, "outer.quantization", WIRE_FORMATS)
+    for field in ("lr", "momentum"):
+        if o[field] != -1.0 and o[field] < 0:
+            raise v.ConfigError(f"config.outer.{field} = {o[field]} must be >= 0 (or -1 for the method default)")
+    if o.method == "streaming_diloco":
+        if o.fragments > c.model.num_layers:
+            raise v.ConfigError(f"config.outer.fragments = {o.fragments} exceeds config.model.num_layers = "
+                                f"{c.model.num_layers} (fragments are groups of whole layers)")
+        v.divides(c, "outer.fragments", "outer.H", "each fragment syncs once per H steps, staggered by H/P")
+        if o.tau >= o.H:
+            raise v.ConfigError(f"config.outer.tau = {o.tau} must be < config.outer.H = {o.H} (a fragment's "
+                                "reduced Δ must land before its next send)")
+    elif o.fragments != 1:
+        raise v.ConfigError(f"config.outer.fragments = {o.fragments} is only for streaming_diloco "
+                            f"(method is {o.method!r})")
+    if o.quantization != "fp32" and o.method not in ("diloco", "fedavg", "streaming_diloco", "co2", "async_diloco"):
+        raise v.ConfigError(f"config.outer.quantization = {o.quantization!r} is not available for {o.method!r} "
+                            "(it has its own wire format); use fp32")
+    if o.method == "noloco" and islands % 2:
+        raise v.ConfigError(f"config.mesh.island = {islands}: noloco pairs islands, so it needs an even count")
+    if c.train.batch_size % islands:
+        raise v.ConfigError(f"config.train.batch_size = {c.train.batch_size} must be divisible by "
+                            f"config.mesh.island = {islands} (each island trains on its share)")

@@ -29,7 +29,7 @@ from atoll.core import optim
 from atoll.core.transformer import Transformer, TransformerConfig, count_params
 from atoll.data import text
 from atoll.experiments import outputs
-from atoll.parallel import checkpoint, mesh as mesh_lib, runtime, sharding, train_state
+from atoll.parallel import checkpoint, islands, mesh as mesh_lib, runtime, sharding, train_state
 
 _CONFIG = config_flags.DEFINE_config_file("config", "atoll/configs/lm.py:tiny", "LM config file[:variant].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs and checkpoints.")
@@ -37,7 +37,7 @@ _STOP_AT = flags.DEFINE_integer("stop_at_step", None, "Save and stop at this ste
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 # Fields that fix the shapes of the saved state: a workdir's checkpoints only fit these.
-_STATE_FIELDS = ("model",)
+_STATE_FIELDS = ("model", "outer")
 
 
 def _check_workdir_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
@@ -61,11 +61,11 @@ def _check_workdir_config(workdir: Path, config: ml_collections.ConfigDict) -> N
 
 def _check_against_mesh(config, mesh) -> None:
     sizes = mesh_lib.mesh_sizes(mesh)
-    batch_shards = sizes["data"] * sizes["fsdp"]
+    batch_shards = sizes["island"] * sizes["data"] * sizes["fsdp"]
     if config.train.batch_size % batch_shards:
         raise ConfigError(
-            f"config.train.batch_size = {config.train.batch_size} must be divisible by data × fsdp = "
-            f"{batch_shards} (the batch is split over both)"
+            f"config.train.batch_size = {config.train.batch_size} must be divisible by island × data × fsdp = "
+            f"{batch_shards} (the batch is split over all three)"
         )
     if config.model.d_model % sizes["fsdp"]:
         raise ConfigError(f"config.model.d_model = {config.model.d_model} must be divisible by "
@@ -87,6 +87,45 @@ def evaluate(eval_step, params, windows_NT1: np.ndarray, batch_size: int, mesh) 
         for i in range(0, len(windows_NT1), batch_size)
     ]
     return float(np.mean(jax.device_get(losses)))
+
+
+class _Replicated:
+    """One model replica over the whole mesh (island = 1), or DDP across islands:
+    the batch also splits over `island`, so gradients are all-reduced across
+    islands every step."""
+
+    def __init__(self, model, tx, mesh, seq_len):
+        self.model, self.tx, self.mesh, self.seq_len = model, tx, mesh, seq_len
+        self.shardings = train_state.state_shardings(model, tx, mesh, seq_len)
+        self.step_fn = train_state.make_train_step(model, tx, mesh, seq_len, self.shardings)
+        self.param_shardings = self.shardings["params"]
+        M = mesh_lib.mesh_sizes(mesh)["island"]
+        n = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(self.abstract_state()["params"]))
+        self.ddp_step_bytes = islands.ddp_step_bytes(n, M)
+        self.wire = islands.WireBytes(self.ddp_step_bytes, self.ddp_step_bytes)
+
+    def init(self, rng):
+        return train_state.init_state(self.model, self.tx, self.mesh, self.seq_len, rng, self.shardings)
+
+    def abstract_state(self):
+        return train_state.abstract_state(self.model, self.tx, self.seq_len, self.shardings)
+
+    def put_batch(self, local_BT1):
+        return _global_batch(local_BT1, self.mesh)
+
+    def after_step(self, state, step):
+        return state, {}, self.wire
+
+    def eval_params(self, state):
+        return state["params"]
+
+
+class _Islands(islands.IslandTrainer):
+    """Low-communication training: one replica per island, synced by config.outer."""
+
+    def __init__(self, model, tx, mesh, seq_len, spec):
+        super().__init__(model, tx, spec, mesh, seq_len)
+        self.param_shardings = self.inner_shardings["params"]
 
 
 @dataclasses.dataclass
@@ -116,21 +155,28 @@ def train(
     model = Transformer(TransformerConfig.from_dict(c))
     tx, schedule = optim.adamw_from_config(t)
     seq_len = config.data.seq_len
+    spec = lm_config.outer_spec(config)
+    if spec is not None and jax.process_count() > 1:
+        raise ConfigError("island training across processes is not built yet; run it in one process")
     data = text.BatchIterator(corpus.train, global_batch=t.batch_size, seq_len=seq_len, seed=config.seed,
                               process_index=jax.process_index(), process_count=jax.process_count())
-    shardings = train_state.state_shardings(model, tx, mesh, seq_len)
+    engine = _Replicated(model, tx, mesh, seq_len) if spec is None else _Islands(model, tx, mesh, seq_len, spec)
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
     latest = ckpt.latest_step()
     if latest is not None:
-        state, extra = ckpt.restore(latest, train_state.abstract_state(model, tx, seq_len, shardings))
+        state, extra = ckpt.restore(latest, engine.abstract_state())
         data.restore(extra["data"])
+        ledger = islands.CommLedger.from_dict(extra.get("comm"))
         outputs.truncate_metrics(workdir, latest)
     else:
-        state = train_state.init_state(model, tx, mesh, seq_len, jax.random.key(config.seed), shardings)
+        state = engine.init(jax.random.key(config.seed))
+        ledger = islands.CommLedger()
     outputs.write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
 
-    step_fn = train_state.make_train_step(model, tx, mesh, seq_len, shardings)
-    eval_fn = train_state.make_eval_step(model, mesh, shardings["params"])
+    step_fn = engine.step_fn
+    eval_fn = train_state.make_eval_step(model, mesh, engine.param_shardings)
+    islands_count = mesh_lib.mesh_sizes(mesh)["island"]
+    low_comm = config.outer.method != "none"
     val_windows = text.eval_windows(corpus.val, num_windows=t.eval_batches * t.batch_size, seq_len=seq_len)
     writer = outputs.MetricsWriter(workdir)
     unit = "bits_per_byte" if corpus.is_bytes else "bits_per_token"
@@ -143,10 +189,14 @@ def train(
                dynamic_ncols=True)
     last_time, last_step = time.perf_counter(), step
     while step < end:
-        state, metrics = step_fn(state, _global_batch(next(data), mesh))
+        state, metrics = step_fn(state, engine.put_batch(next(data)))
         step += 1
+        state, sync_metrics, wire = engine.after_step(state, step)
+        ledger.add(wire, engine.ddp_step_bytes)
         bar.update(1)
         row = {}
+        if sync_metrics:
+            row.update({k: float(v) for k, v in jax.device_get(sync_metrics).items()})
         if step % t.log_every == 0 or step == end:
             m = jax.device_get(metrics)
             now = time.perf_counter()
@@ -155,32 +205,41 @@ def train(
                 rates.append(rate)
             compiling = False
             last_time, last_step = now, step
-            row.update(loss=float(m["loss"]), grad_norm=float(m["grad_norm"]),
+            row.update(loss=float(np.mean(m["loss"])), grad_norm=float(np.mean(m["grad_norm"])),
                        learning_rate=float(schedule(step - 1)), tokens_per_sec=rate)
+            if np.ndim(m["loss"]):  # per island
+                row["loss_spread"] = float(np.ptp(m["loss"]))
+            if low_comm:
+                row.update(comm_sent_bytes=ledger.sent, comm_received_bytes=ledger.received,
+                           ddp_bytes=ledger.ddp, tokens=step * tokens_per_step)
             bar.set_postfix(loss=f"{row['loss']:.3f}")
         if step % t.eval_every == 0 or step == t.steps:
-            val_loss = evaluate(eval_fn, state["params"], val_windows, t.batch_size, mesh)
+            val_loss = evaluate(eval_fn, engine.eval_params(state), val_windows, t.batch_size, mesh)
             row["val_loss"] = val_loss
+            if np.ndim(m["loss"]):  # per island
+                row["loss_spread"] = float(np.ptp(m["loss"]))
+            if low_comm:
+                row.update(comm_sent_bytes=ledger.sent, ddp_bytes=ledger.ddp, tokens=step * tokens_per_step)
             if corpus.is_bytes:
                 row["val_bits_per_byte"] = text.bits_per_token(val_loss)
             last_time = time.perf_counter()  # evaluation time is not training throughput
         if row:
             writer.write(step, row)
         if step % t.checkpoint_every == 0 or step == end:
-            ckpt.save(step, state, {"data": data.state()})
+            ckpt.save(step, state, {"data": data.state(), "comm": ledger.to_dict()})
     bar.close()
     ckpt.wait()
     ckpt.close()
     writer.close()
 
     if val_loss is None:  # resumed a finished run, or stopped before any evaluation
-        val_loss = evaluate(eval_fn, state["params"], val_windows, t.batch_size, mesh)
+        val_loss = evaluate(eval_fn, engine.eval_params(state), val_windows, t.batch_size, mesh)
     unigram = text.unigram_bits_per_token(corpus)
     summary = {
         "config": config.name,
         "step": step,
         "finished": step >= t.steps,
-        "params": count_params(state["params"]),
+        "params": count_params(engine.eval_params(state)),
         "val_loss": val_loss,
         f"val_{unit}": text.bits_per_token(val_loss),
         f"unigram_{unit}": unigram,
@@ -189,6 +248,13 @@ def train(
         "mesh": mesh_lib.mesh_sizes(mesh),
         "data": corpus.source,
     }
+    if low_comm:
+        summary.update(
+            outer=config.outer.method, islands=islands_count, syncs=ledger.syncs,
+            bytes_per_island=ledger.sent, bytes_received_per_island=ledger.received,
+            peak_bytes_per_step=ledger.peak_step, ddp_bytes_per_island=ledger.ddp,
+            bytes_ratio_to_ddp=ledger.ddp / ledger.sent if ledger.sent else None,
+            tokens=step * tokens_per_step)
     outputs.write_json(workdir / "summary.json", summary)
     outputs.plot_loss(workdir, unit=unit.replace("_", " "), scale=1 / np.log(2), bar=unigram,
                       bar_label=f"unigram ({unigram:.2f})")
@@ -210,6 +276,8 @@ def report(summary: dict, workdir: Path) -> str:
 def main(argv) -> None:
     del argv
     runtime.apply_xla_defaults()
+    fixed = [int(n) for n in _CONFIG.value.mesh.values() if int(n) > 0]
+    runtime.request_host_devices(int(np.prod(fixed)) if fixed else 1)
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     if not _WORKDIR.value:
         sys.exit("error: --workdir is required")

@@ -29,3 +29,13 @@ def apply_xla_defaults() -> str:
         return os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = xla_flags_with_defaults(os.environ.get("XLA_FLAGS", ""))
     return os.environ["XLA_FLAGS"]
+
+
+def request_host_devices(count: int) -> str:
+    """Asks XLA for `count` CPU devices (unless XLA_FLAGS already says how many),
+    so a mesh with islands or data axes runs on a CPU-only machine. Accelerator
+    platforms are unaffected: the flag only shapes the host platform."""
+    if count > 1:
+        os.environ["XLA_FLAGS"] = xla_flags_with_defaults(
+            os.environ.get("XLA_FLAGS", ""), {"xla_force_host_platform_device_count": str(count)})
+    return os.environ.get("XLA_FLAGS", "")

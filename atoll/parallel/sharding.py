@@ -13,7 +13,11 @@ import flax.linen as nn
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+# Inside an island the batch splits over data × fsdp. Training that is not
+# split into islands (island = 1, or DDP across islands) also splits it over
+# `island`, so gradients are averaged across islands every step.
 BATCH_AXES = ("data", "fsdp")
+DDP_BATCH_AXES = ("island",) + BATCH_AXES
 
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # parameters
@@ -27,7 +31,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("norm", None),
     ("layers", None),
     # activations
-    ("act_batch", BATCH_AXES),
+    ("act_batch", DDP_BATCH_AXES),
     ("act_length", "context"),
     ("act_embed", None),
     ("act_heads", "tensor"),
@@ -37,9 +41,16 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def logical_rules():
-    """The rules in the form flax.linen's `logical_axis_rules` context takes."""
-    return RULES
+def logical_rules(within_island: bool = False):
+    """The rules in the form flax.linen's `logical_axis_rules` context takes.
+
+    `within_island`: for model code running under `vmap(spmd_axis_name="island")`
+    (one replica per island), where vmap itself puts the island dimension on
+    `island`, so the batch only splits over data × fsdp.
+    """
+    if not within_island:
+        return RULES
+    return tuple((name, BATCH_AXES if name == "act_batch" else axes) for name, axes in RULES)
 
 
 def logical_to_spec(logical_axes: tuple[str | None, ...]) -> P:
@@ -54,8 +65,8 @@ def tree_shardings(boxed_tree, mesh: jax.sharding.Mesh):
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
-    """Token batches [B, ...] are split over data × fsdp and replicated elsewhere."""
-    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+    """Token batches [B, ...] are split over island × data × fsdp and replicated elsewhere."""
+    return NamedSharding(mesh, P(DDP_BATCH_AXES, *([None] * (ndim - 1))))
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

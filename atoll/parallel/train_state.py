@@ -23,9 +23,9 @@ State = dict[str, Any]
 
 
 @contextlib.contextmanager
-def mesh_context(mesh: jax.sharding.Mesh):
+def mesh_context(mesh: jax.sharding.Mesh, within_island: bool = False):
     """The mesh and logical rules that model code's sharding annotations resolve against."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_rules()):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_rules(within_island)):
         yield
 
 

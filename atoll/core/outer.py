@@ -1,0 +1,319 @@
+"""Outer optimizers of the DiLoCo family, and the pure pieces around them.
+
+Every outer optimizer here is an `optax.GradientTransformation` over the
+*pseudo-gradient* Δ = θ_outer − θ_island (sign as in every public DiLoCo:
+Δ points from the island's params back to the outer params, so feeding it to
+SGD as a gradient moves θ_outer towards the islands). With outer lr 1 and no
+momentum the update is θ_outer − mean Δ = mean θ_island: plain averaging.
+
+The communication (what is exchanged, how it is reduced, quantized or
+sparsified) lives in `atoll/parallel/islands.py`; this module only holds the
+math that runs on each island once the bytes have arrived, plus the pure
+schedule (which fragment syncs at which step) so host and device agree on it.
+
+Letters: M islands, H inner steps per outer round, P fragments, τ delay (steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+METHODS = ("diloco", "fedavg", "streaming_diloco", "noloco", "co2", "async_diloco", "edit", "sparseloco")
+PATTERNS = ("strided", "sequential")
+WIRE_FORMATS = ("fp32", "bf16", "int8", "fp4")
+
+
+# ----------------------------------------------------------------------------
+# Outer transformations
+# ----------------------------------------------------------------------------
+
+def nesterov_sgd(lr: float = 0.7, momentum: float = 0.9, nesterov: bool = True) -> optax.GradientTransformation:
+    """DiLoCo's outer step (lr 0.7, momentum 0.9, Nesterov). optax's accumulator
+    matches torch.optim.SGD's (no dampening), the reference every DiLoCo uses."""
+    if momentum == 0.0:
+        return optax.sgd(lr)
+    return optax.sgd(lr, momentum=momentum, nesterov=nesterov)
+
+
+def averaging() -> optax.GradientTransformation:
+    """FedAvg: θ_outer ← θ_outer − mean Δ = mean θ_island."""
+    return optax.sgd(1.0)
+
+
+class CO2State(NamedTuple):
+    momentum: Any
+
+
+def co2_momentum(lr: float = 1.0, momentum: float = 0.5, gap_penalty: float = 1.0,
+                 clip: float | None = None) -> optax.GradientTransformation:
+    """CO2's one-step-delayed outer momentum: m ← clip(β·m + Δ/λ), θ ← θ − lr·m.
+
+    λ (`gap_penalty`) damps the stale pseudo-gradient. Unlike the public
+    fairscale-CO2 code (where `torch.clamp`'s result is discarded), the clip
+    here really bounds the stored momentum elementwise to [−clip, clip].
+    """
+    def init(params):
+        return CO2State(jax.tree.map(jnp.zeros_like, params))
+
+    def update(delta, state, params=None):
+        del params
+        m = jax.tree.map(lambda m_, d: momentum * m_ + d / gap_penalty, state.momentum, delta)
+        if clip is not None:
+            m = jax.tree.map(lambda x: jnp.clip(x, -clip, clip), m)
+        return jax.tree.map(lambda x: -lr * x, m), CO2State(m)
+
+    return optax.GradientTransformation(init, update)
+
+
+def noloco_pseudo_gradient(phi_i, theta_mean_group):
+    """NoLoCo's outer 'gradient' for island i paired with group G.
+
+    The reference update is m ← β·m + η·[mean_G(θ_j − φ_j) + (mean_G φ_j − φ_i)].
+    The two group means telescope: mean_G(θ_j − φ_j) + mean_G φ_j − φ_i =
+    mean_G θ_j − φ_i, so only the partners' *inner* params need to travel
+    (half the bytes of sending θ and φ). With g = φ_i − mean_G θ_j, heavy-ball
+    SGD (optax.sgd(η, momentum=β)) gives exactly m ← β·m − η·g.
+    """
+    return jax.tree.map(lambda p, t: p - t, phi_i, theta_mean_group)
+
+
+def noloco_momentum(lr: float = 0.7, momentum: float = 0.5) -> optax.GradientTransformation:
+    """NoLoCo's outer optimizer (heavy-ball over `noloco_pseudo_gradient`)."""
+    return optax.sgd(lr, momentum=momentum, nesterov=False)
+
+
+# ----------------------------------------------------------------------------
+# EDiT's pseudo-gradient penalty
+# ----------------------------------------------------------------------------
+
+class EwmaStats(NamedTuple):
+    """Per-island EWMA of the pseudo-gradient norm (every island keeps all M)."""
+    mean_M: jax.Array
+    var_M: jax.Array
+    count_M: jax.Array
+
+
+def edit_init_stats(num_islands: int) -> EwmaStats:
+    z = jnp.zeros((num_islands,), jnp.float32)
+    return EwmaStats(z, z, jnp.zeros((num_islands,), jnp.int32))
+
+
+def edit_weights(norms_M: jax.Array, stats: EwmaStats, *, ewma_alpha: float = 0.02, warmup: int = 120,
+                 z_threshold: float = 3.0, temperature: float = 1.0) -> tuple[jax.Array, jax.Array, EwmaStats]:
+    """EDiT's anomaly elimination and norm-weighted averaging.
+
+    An island whose ‖Δ‖ sits more than `z_threshold` standard deviations above
+    its own EWMA (after `warmup` observations) is an anomaly: weight 0, and its
+    norm does not enter the statistics. The others are weighted by
+    softmax(−‖Δ‖/T). Returns (weights_M summing to 1, or all 0 if every island
+    is anomalous; anomalous_M; new stats).
+    """
+    std_M = jnp.sqrt(jnp.maximum(stats.var_M, 1e-12))
+    z_M = (norms_M - stats.mean_M) / std_M
+    anomalous_M = (stats.count_M >= warmup) & (z_M > z_threshold)
+    logits_M = jnp.where(anomalous_M, -jnp.inf, -norms_M / temperature)
+    any_ok = jnp.any(~anomalous_M)
+    weights_M = jnp.where(any_ok, jax.nn.softmax(jnp.where(any_ok, logits_M, 0.0)), 0.0)
+    first_M = stats.count_M == 0
+    diff_M = norms_M - stats.mean_M
+    mean_M = jnp.where(first_M, norms_M, stats.mean_M + ewma_alpha * diff_M)
+    var_M = jnp.where(first_M, 0.0, (1 - ewma_alpha) * (stats.var_M + ewma_alpha * diff_M ** 2))
+    new = EwmaStats(
+        jnp.where(anomalous_M, stats.mean_M, mean_M),
+        jnp.where(anomalous_M, stats.var_M, var_M),
+        stats.count_M + (~anomalous_M).astype(jnp.int32),
+    )
+    return weights_M, anomalous_M, new
+
+
+def clip_by_global_norm(tree, max_norm: float | None):
+    """EDiT's final clip of the averaged pseudo-gradient (None = off)."""
+    if max_norm is None:
+        return tree
+    norm = optax.tree.norm(tree)
+    scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-12))
+    return jax.tree.map(lambda x: x * scale, tree)
+
+
+# ----------------------------------------------------------------------------
+# Method settings and the outer optimizer each one uses
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class OuterSpec:
+    """A validated `config.outer` (see atoll/configs/lm.py for the recipes)."""
+    method: str
+    H: int
+    lr: float
+    momentum: float
+    nesterov: bool = True
+    fragments: int = 1
+    pattern: str = "strided"
+    tau: int = 0
+    alpha: float = 0.0
+    quantization: str = "fp32"
+    # NoLoCo
+    seed: int = 0
+    # CO2
+    gap_penalty: float = 1.0
+    clip: float | None = None
+    # EDiT
+    edit_warmup: int = 120
+    edit_ewma_alpha: float = 0.02
+    edit_z_threshold: float = 3.0
+    edit_temperature: float = 1.0
+    edit_clip: float | None = None
+    # SparseLoCo
+    topk_chunk: int = 4096
+    topk_k: int = 64
+    topk_bins: int = 4
+    ef_decay: float = 0.95
+
+    @property
+    def delayed(self) -> bool:
+        """One-round-delayed application (CO2, async DiLoCo)."""
+        return self.method in ("co2", "async_diloco")
+
+
+def outer_transform(spec: OuterSpec) -> optax.GradientTransformation:
+    m = spec.method
+    if m == "fedavg":
+        return averaging()
+    if m in ("diloco", "streaming_diloco", "edit", "async_diloco"):
+        return nesterov_sgd(spec.lr, spec.momentum, spec.nesterov)
+    if m == "noloco":
+        return noloco_momentum(spec.lr, spec.momentum)
+    if m == "co2":
+        return co2_momentum(spec.lr, spec.momentum, spec.gap_penalty, spec.clip)
+    if m == "sparseloco":
+        return optax.sgd(spec.lr)  # error feedback replaces outer momentum
+    raise ValueError(f"unknown outer method {m!r}; choose one of {list(METHODS)}")
+
+
+# ----------------------------------------------------------------------------
+# Fragments and the sync schedule
+# ----------------------------------------------------------------------------
+
+class Piece(NamedTuple):
+    """Part of one params leaf: the whole leaf (layers None) or the given
+    slices along a scanned leaf's leading layer axis."""
+    leaf: int
+    layers: tuple[int, ...] | None
+
+
+_BLOCK = re.compile(r"\['block_(\d+)'\]")
+
+
+def fragment_plan(paths: Sequence[str], shapes: Sequence[tuple[int, ...]], num_layers: int,
+                  fragments: int, pattern: str = "strided") -> list[list[Piece]]:
+    """Splits the params into `fragments` groups of whole transformer layers.
+
+    Layer l goes to fragment l % P (strided, Streaming DiLoCo's default) or to
+    l·P // L (sequential). The embedding travels with layer 0, the final norm
+    and head with layer L−1. Scanned stacks (`blocks`, layer axis first) are
+    cut into per-layer slices. `paths` are jax keystrs of the params leaves.
+    """
+    if not 1 <= fragments <= num_layers:
+        raise ValueError(f"fragments = {fragments} must be between 1 and the number of layers ({num_layers})")
+    if pattern not in PATTERNS:
+        raise ValueError(f"fragment pattern {pattern!r}: choose one of {list(PATTERNS)}")
+
+    def frag_of(layer: int) -> int:
+        return layer % fragments if pattern == "strided" else layer * fragments // num_layers
+
+    plan: list[list[Piece]] = [[] for _ in range(fragments)]
+    for i, (path, shape) in enumerate(zip(paths, shapes)):
+        block = _BLOCK.search(path)
+        if block:
+            plan[frag_of(int(block.group(1)))].append(Piece(i, None))
+        elif "['blocks']" in path:
+            if not shape or shape[0] != num_layers:
+                raise ValueError(f"scanned leaf {path} has shape {shape}; expected layer axis {num_layers} first")
+            for f in range(fragments):
+                layers = tuple(l for l in range(num_layers) if frag_of(l) == f)
+                plan[f].append(Piece(i, layers))
+        elif "embedding" in path:
+            plan[frag_of(0)].append(Piece(i, None))
+        else:
+            plan[frag_of(num_layers - 1)].append(Piece(i, None))
+    return plan
+
+
+def take_pieces(leaves: Sequence[jax.Array], pieces: Sequence[Piece], axis: int = 0) -> list[jax.Array]:
+    """The arrays of one fragment (layer slices taken along `axis`)."""
+    out = []
+    for p in pieces:
+        x = leaves[p.leaf]
+        out.append(x if p.layers is None else jnp.take(x, jnp.asarray(p.layers), axis=axis))
+    return out
+
+
+def put_pieces(leaves: Sequence[jax.Array], pieces: Sequence[Piece], values: Sequence[jax.Array],
+               axis: int = 0) -> list[jax.Array]:
+    """`leaves` with one fragment's arrays replaced by `values`."""
+    out = list(leaves)
+    for p, v in zip(pieces, values):
+        if p.layers is None:
+            out[p.leaf] = v
+        else:
+            idx = (slice(None),) * axis + (jnp.asarray(p.layers),)
+            out[p.leaf] = out[p.leaf].at[idx].set(v)
+    return out
+
+
+def fragment_offsets(H: int, fragments: int) -> list[int]:
+    """Step (mod H) at which each fragment's sync starts: staggered by H/P, the
+    last fragment on the round boundary (so P = 1 is plain DiLoCo)."""
+    if H % fragments:
+        raise ValueError(f"H = {H} must be a multiple of fragments = {fragments}")
+    return [((f + 1) * H // fragments) % H for f in range(fragments)]
+
+
+class Event(NamedTuple):
+    kind: str       # "send" (reduce a fragment), "apply" (outer step on it), "sync" (both at once)
+    fragment: int
+
+
+def events_at(step: int, spec: OuterSpec) -> list[Event]:
+    """What happens after inner step `step` (1-based count of inner steps done).
+
+    Sends and applies are ordered so that an apply for a fragment never comes
+    before its own send; every island computes the same list, so collectives
+    line up in the same order everywhere (torchft's deadlock lesson is free in SPMD).
+    """
+    if step <= 0:
+        return []
+    if spec.method != "streaming_diloco":
+        return [Event("sync", 0)] if step % spec.H == 0 else []
+    events = []
+    for f, off in enumerate(fragment_offsets(spec.H, spec.fragments)):
+        if spec.tau == 0:
+            if step % spec.H == off:
+                events.append(Event("sync", f))
+            continue
+        if step - spec.tau > 0 and (step - spec.tau) % spec.H == off:
+            events.append(Event("apply", f))
+        if step % spec.H == off:
+            events.append(Event("send", f))
+    return events
+
+
+def noloco_partners(num_islands: int, seed: int, round_index: int) -> tuple[int, ...]:
+    """partner[i] for NoLoCo's round: a random perfect matching from a shared
+    seed (every island draws the same one without talking)."""
+    import numpy as np
+
+    if num_islands % 2:
+        raise ValueError(f"NoLoCo pairs islands: the island count ({num_islands}) must be even")
+    order = np.random.default_rng([seed, round_index]).permutation(num_islands)
+    partner = [0] * num_islands
+    for a, b in zip(order[0::2], order[1::2]):
+        partner[a], partner[b] = int(b), int(a)
+    return tuple(partner)

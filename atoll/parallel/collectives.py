@@ -1,0 +1,102 @@
+"""Cross-island collectives, called inside `jax.shard_map` over the `island` axis.
+
+Each function works on one island's block (no island dimension) and returns
+what that island ends up with. Next to each one is the number of bytes an
+island sends (and, by symmetry, receives) when it runs, computed from the
+sizes of the arrays that actually go into the collective, so the accounting
+and the HLO cannot drift apart. Conventions (shared with parallel/netsim.py):
+a ring all-reduce of S bytes moves 2(M−1)/M·S per island, an all-gather of a
+per-island payload of S bytes moves (M−1)·S, a pairwise exchange moves S.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from atoll.core import compress
+
+ISLAND = "island"
+
+
+def _nbytes(tree) -> int:
+    return int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+# ---------------------------------------------------------------------------
+# dense mean (fp32 on the wire): XLA all-reduce
+# ---------------------------------------------------------------------------
+
+def mean(tree):
+    return jax.tree.map(lambda x: jax.lax.pmean(x, ISLAND), tree)
+
+
+def mean_wire_bytes(tree, num_islands: int) -> float:
+    return 2 * (num_islands - 1) / num_islands * _nbytes(tree)
+
+
+# ---------------------------------------------------------------------------
+# quantized mean: reduce-scatter of quantized shards (all_to_all), fp32
+# accumulation of the island's own shard, all-gather of the re-quantized shard
+# ---------------------------------------------------------------------------
+
+def _rows(n: int, num_islands: int, block: int) -> int:
+    """Row length: n split into M rows, each a whole number of quantization blocks."""
+    per = -(-n // num_islands)
+    return -(-per // block) * block
+
+
+def quantized_mean(x_N: jax.Array, fmt: str, num_islands: int, block: int = 128) -> jax.Array:
+    """Mean over islands of a flat fp32 vector, with `fmt` (bf16/int8/fp4) on the
+    wire both ways and fp32 accumulation; every island gets the same result."""
+    if fmt == "fp32":
+        return jax.lax.pmean(x_N, ISLAND)
+    n, M = x_N.shape[0], num_islands
+    S = _rows(n, M, block)
+    x_MS = jnp.pad(x_N.astype(jnp.float32), (0, M * S - n)).reshape(M, S)
+    sent = jax.vmap(lambda r: compress.encode(r, fmt, block))(x_MS)
+    got = jax.tree.map(lambda a: jax.lax.all_to_all(a, ISLAND, 0, 0, tiled=True), sent)
+    mine_S = jnp.mean(jax.vmap(lambda p: compress.decode(p, fmt, (S,), block))(got), axis=0)
+    shard = compress.encode(mine_S, fmt, block)
+    gathered = jax.tree.map(lambda a: jax.lax.all_gather(a, ISLAND), shard)
+    out_MS = jax.vmap(lambda p: compress.decode(p, fmt, (S,), block))(gathered)
+    return out_MS.reshape(-1)[:n]
+
+
+def quantized_mean_wire_bytes(n: int, fmt: str, num_islands: int, block: int = 128) -> float:
+    if fmt == "fp32":
+        return 2 * (num_islands - 1) / num_islands * 4 * n
+    S = _rows(n, num_islands, block)
+    row = jax.eval_shape(lambda r: compress.encode(r, fmt, block), jax.ShapeDtypeStruct((S,), jnp.float32))
+    return 2 * (num_islands - 1) * compress.payload_nbytes(row)
+
+
+# ---------------------------------------------------------------------------
+# all-gather of per-island payloads (sparse, SparseLoCo) and of scalars (EDiT)
+# ---------------------------------------------------------------------------
+
+def gather(tree):
+    """Every island's `tree`, stacked on a new leading axis [M, ...]."""
+    return jax.tree.map(lambda x: jax.lax.all_gather(x, ISLAND), tree)
+
+
+def gather_wire_bytes(tree, num_islands: int) -> float:
+    return (num_islands - 1) * _nbytes(tree)
+
+
+def island_index() -> jax.Array:
+    return jax.lax.axis_index(ISLAND)
+
+
+# ---------------------------------------------------------------------------
+# pairwise exchange (NoLoCo): no all-reduce anywhere
+# ---------------------------------------------------------------------------
+
+def swap(tree, partners: tuple[int, ...]):
+    """The partner's `tree`: island i receives from partners[i] (a perfect matching)."""
+    perm = [(src, dst) for dst, src in enumerate(partners)]
+    return jax.tree.map(lambda x: jax.lax.ppermute(x, ISLAND, perm), tree)
+
+
+def swap_wire_bytes(tree) -> float:
+    return float(_nbytes(tree))
