@@ -26,6 +26,6 @@ setup(
     extras_require={
         # Meta-World and the policy server arrive with the robot-policy issues.
         "robot": ["websockets>=12", "msgpack>=1.0"],
-        "dev": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
     },
 )

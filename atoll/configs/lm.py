@@ -24,7 +24,9 @@ batch (each island gets batch_size / M), so every method sees the same tokens.
   streaming_diloco  P fragments on staggered steps, τ-step delayed application,
                     α-mixing, quantized exchange (fp32 | bf16 | int8 | fp4 = E3M0)
   noloco            no all-reduce: pairs of islands gossip (shared-seed matching)
-  co2, async_diloco one-round-delayed outer step (CO2: gap penalty λ, momentum clip)
+  co2               one-round-delayed outer step against the current outer params
+                    (fairscale-CO2: gap penalty λ, elementwise momentum clip)
+  async_diloco      one-round-delayed Δ applied as it was (PCCL's async DiLoCo)
   edit              EDiT's pseudo-gradient penalty (anomalies, norm weights, clip)
   sparseloco        chunked top-k of an error-feedback buffer, 2-bit values
 

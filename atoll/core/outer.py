@@ -72,6 +72,28 @@ def co2_momentum(lr: float = 1.0, momentum: float = 0.5, gap_penalty: float = 1.
     return optax.GradientTransformation(init, update)
 
 
+def delayed_pseudo_gradient(method: str, phi_now, parked, delta_bar_now):
+    """The one-round-delayed outer step: (what to apply now, what to park).
+
+    Both methods all-reduce this round's Δ̄ = φ_start − mean θ and apply it a
+    round late, but they differ in what the late update is taken against:
+      async_diloco (PCCL's async DiLoCo): park Δ̄ itself and apply it as it
+        was, relative to the outer params the round started from;
+      co2 (fairscale-CO2's `p_old − p_avg`): park the islands' mean params
+        mean θ = φ_start − Δ̄ and, a round later, apply φ_now − mean θ. The
+        part of the gap already applied in between is not applied twice,
+        which keeps an outer lr of 1 with momentum stable.
+    `phi_now` is φ_start here: the outer params have not moved since the
+    round began (the delayed step runs once per round).
+    """
+    if method == "co2":
+        mean_theta = [p.astype(jnp.float32) - d for p, d in zip(phi_now, delta_bar_now)]
+        return [p.astype(jnp.float32) - q for p, q in zip(phi_now, parked)], mean_theta
+    if method == "async_diloco":
+        return list(parked), delta_bar_now
+    raise ValueError(f"{method!r} has no delayed outer step; delayed methods: co2, async_diloco")
+
+
 def noloco_pseudo_gradient(phi_i, theta_mean_group):
     """NoLoCo's outer 'gradient' for island i paired with group G.
 
@@ -211,6 +233,15 @@ class Piece(NamedTuple):
 _BLOCK = re.compile(r"\['block_(\d+)'\]")
 
 
+def fragment_of_layer(layer: int, num_layers: int, fragments: int, pattern: str = "strided") -> int:
+    """Strided: layer l → l mod P (fragment p = layers p, p+P, ...); sequential: contiguous blocks."""
+    if pattern == "strided":
+        return layer % fragments
+    if pattern == "sequential":
+        return layer * fragments // num_layers
+    raise ValueError(f"fragment pattern {pattern!r}: choose one of {list(PATTERNS)}")
+
+
 def fragment_plan(paths: Sequence[str], shapes: Sequence[tuple[int, ...]], num_layers: int,
                   fragments: int, pattern: str = "strided") -> list[list[Piece]]:
     """Splits the params into `fragments` groups of whole transformer layers.
@@ -226,7 +257,7 @@ def fragment_plan(paths: Sequence[str], shapes: Sequence[tuple[int, ...]], num_l
         raise ValueError(f"fragment pattern {pattern!r}: choose one of {list(PATTERNS)}")
 
     def frag_of(layer: int) -> int:
-        return layer % fragments if pattern == "strided" else layer * fragments // num_layers
+        return fragment_of_layer(layer, num_layers, fragments, pattern)
 
     plan: list[list[Piece]] = [[] for _ in range(fragments)]
     for i, (path, shape) in enumerate(zip(paths, shapes)):
@@ -269,11 +300,10 @@ def put_pieces(leaves: Sequence[jax.Array], pieces: Sequence[Piece], values: Seq
 
 
 def fragment_offsets(H: int, fragments: int) -> list[int]:
-    """Step (mod H) at which each fragment's sync starts: staggered by H/P, the
-    last fragment on the round boundary (so P = 1 is plain DiLoCo)."""
-    if H % fragments:
-        raise ValueError(f"H = {H} must be a multiple of fragments = {fragments}")
-    return [((f + 1) * H // fragments) % H for f in range(fragments)]
+    """Step (mod H) at which each fragment's sync starts: staggered by H/P
+    (rounded when P does not divide H), the last fragment on the round
+    boundary, so P = 1 is plain DiLoCo."""
+    return [round((f + 1) * H / fragments) % H for f in range(fragments)]
 
 
 class Event(NamedTuple):

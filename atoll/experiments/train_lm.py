@@ -29,7 +29,8 @@ from atoll.core import optim
 from atoll.core.transformer import Transformer, TransformerConfig, count_params
 from atoll.data import text
 from atoll.experiments import outputs
-from atoll.parallel import checkpoint, islands, mesh as mesh_lib, runtime, sharding, train_state
+from atoll.parallel import (checkpoint, collectives, distributed, islands, mesh as mesh_lib, runtime, sharding,
+                            train_state)
 
 _CONFIG = config_flags.DEFINE_config_file("config", "atoll/configs/lm.py:tiny", "LM config file[:variant].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs and checkpoints.")
@@ -128,6 +129,17 @@ class _Islands(islands.IslandTrainer):
         self.param_shardings = self.inner_shardings["params"]
 
 
+def _island_fields(loss, ledger: islands.CommLedger | None, tokens: int) -> dict:
+    """The per-island spread of the loss (islands train apart) and the bytes so far."""
+    out = {}
+    if np.ndim(loss):  # one loss per island
+        out["loss_spread"] = float(np.ptp(loss))
+    if ledger is not None:
+        out.update(comm_sent_bytes=ledger.sent, comm_received_bytes=ledger.received, ddp_bytes=ledger.ddp,
+                   tokens=tokens)
+    return out
+
+
 @dataclasses.dataclass
 class RunResult:
     summary: dict
@@ -156,14 +168,14 @@ def train(
     tx, schedule = optim.adamw_from_config(t)
     seq_len = config.data.seq_len
     spec = lm_config.outer_spec(config)
-    if spec is not None and jax.process_count() > 1:
-        raise ConfigError("island training across processes is not built yet; run it in one process")
     data = text.BatchIterator(corpus.train, global_batch=t.batch_size, seq_len=seq_len, seed=config.seed,
                               process_index=jax.process_index(), process_count=jax.process_count())
     engine = _Replicated(model, tx, mesh, seq_len) if spec is None else _Islands(model, tx, mesh, seq_len, spec)
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
     latest = ckpt.latest_step()
     if latest is not None:
+        if outputs.is_writer():
+            print(f"resuming {workdir.name} from its checkpoint at step {latest}", flush=True)
         state, extra = ckpt.restore(latest, engine.abstract_state())
         data.restore(extra["data"])
         ledger = islands.CommLedger.from_dict(extra.get("comm"))
@@ -182,6 +194,11 @@ def train(
     unit = "bits_per_byte" if corpus.is_bytes else "bits_per_token"
     tokens_per_step = t.batch_size * seq_len
 
+    # XLA:CPU runs every host device's program on a shared pool: with many
+    # multi-device steps queued (async dispatch, metrics fetched rarely) their
+    # collectives can wait on each other forever ("only 2 of 4 threads arrived"
+    # on a 2-core machine). One step in flight at a time costs CPU runs nothing.
+    one_in_flight = jax.default_backend() == "cpu" and mesh.size > 1
     step = int(jax.device_get(state["step"]))
     end = t.steps if stop_at_step is None else min(t.steps, stop_at_step)
     rates, val_loss, compiling = [], None, True
@@ -192,13 +209,15 @@ def train(
         state, metrics = step_fn(state, engine.put_batch(next(data)))
         step += 1
         state, sync_metrics, wire = engine.after_step(state, step)
+        if one_in_flight:
+            jax.block_until_ready(metrics)
         ledger.add(wire, engine.ddp_step_bytes)
         bar.update(1)
         row = {}
         if sync_metrics:
-            row.update({k: float(v) for k, v in jax.device_get(sync_metrics).items()})
+            row.update({k: float(v) for k, v in sync_metrics.items()})
         if step % t.log_every == 0 or step == end:
-            m = jax.device_get(metrics)
+            m = collectives.to_host(metrics)
             now = time.perf_counter()
             rate = (step - last_step) * tokens_per_step / (now - last_time)
             if not compiling:  # the first interval after (re)start holds compilation
@@ -207,19 +226,13 @@ def train(
             last_time, last_step = now, step
             row.update(loss=float(np.mean(m["loss"])), grad_norm=float(np.mean(m["grad_norm"])),
                        learning_rate=float(schedule(step - 1)), tokens_per_sec=rate)
-            if np.ndim(m["loss"]):  # per island
-                row["loss_spread"] = float(np.ptp(m["loss"]))
-            if low_comm:
-                row.update(comm_sent_bytes=ledger.sent, comm_received_bytes=ledger.received,
-                           ddp_bytes=ledger.ddp, tokens=step * tokens_per_step)
+            row.update(_island_fields(m["loss"], ledger if low_comm else None, step * tokens_per_step))
             bar.set_postfix(loss=f"{row['loss']:.3f}")
         if step % t.eval_every == 0 or step == t.steps:
             val_loss = evaluate(eval_fn, engine.eval_params(state), val_windows, t.batch_size, mesh)
             row["val_loss"] = val_loss
-            if np.ndim(m["loss"]):  # per island
-                row["loss_spread"] = float(np.ptp(m["loss"]))
-            if low_comm:
-                row.update(comm_sent_bytes=ledger.sent, ddp_bytes=ledger.ddp, tokens=step * tokens_per_step)
+            row.update(_island_fields(collectives.to_host(metrics["loss"]), ledger if low_comm else None,
+                                      step * tokens_per_step))
             if corpus.is_bytes:
                 row["val_bits_per_byte"] = text.bits_per_token(val_loss)
             last_time = time.perf_counter()  # evaluation time is not training throughput
@@ -276,11 +289,17 @@ def report(summary: dict, workdir: Path) -> str:
 def main(argv) -> None:
     del argv
     runtime.apply_xla_defaults()
-    fixed = [int(n) for n in _CONFIG.value.mesh.values() if int(n) > 0]
-    runtime.request_host_devices(int(np.prod(fixed)) if fixed else 1)
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     if not _WORKDIR.value:
         sys.exit("error: --workdir is required")
+    try:
+        multi = distributed.initialize()  # several processes (launch, SLURM, ...) or none
+    except distributed.DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if not multi:  # one process on a CPU: as many host devices as the mesh's fixed axes need
+        fixed = [int(n) for n in _CONFIG.value.mesh.values() if int(n) > 0]
+        runtime.request_host_devices(int(np.prod(fixed)) if fixed else 1)
     try:
         summary = train(_CONFIG.value, _WORKDIR.value, stop_at_step=_STOP_AT.value,
                         progress=_PROGRESS.value).summary

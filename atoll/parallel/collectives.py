@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from atoll.core import compress
+from atoll.parallel import netsim
 
 ISLAND = "island"
 
@@ -32,7 +33,7 @@ def mean(tree):
 
 
 def mean_wire_bytes(tree, num_islands: int) -> float:
-    return 2 * (num_islands - 1) / num_islands * _nbytes(tree)
+    return netsim.ring_allreduce_bytes(_nbytes(tree), num_islands)
 
 
 # ---------------------------------------------------------------------------
@@ -65,7 +66,7 @@ def quantized_mean(x_N: jax.Array, fmt: str, num_islands: int, block: int = 128)
 
 def quantized_mean_wire_bytes(n: int, fmt: str, num_islands: int, block: int = 128) -> float:
     if fmt == "fp32":
-        return 2 * (num_islands - 1) / num_islands * 4 * n
+        return netsim.ring_allreduce_bytes(4 * n, num_islands)
     S = _rows(n, num_islands, block)
     row = jax.eval_shape(lambda r: compress.encode(r, fmt, block), jax.ShapeDtypeStruct((S,), jnp.float32))
     return 2 * (num_islands - 1) * compress.payload_nbytes(row)
@@ -81,7 +82,7 @@ def gather(tree):
 
 
 def gather_wire_bytes(tree, num_islands: int) -> float:
-    return (num_islands - 1) * _nbytes(tree)
+    return netsim.allgather_bytes(_nbytes(tree), num_islands)
 
 
 def island_index() -> jax.Array:
@@ -99,4 +100,25 @@ def swap(tree, partners: tuple[int, ...]):
 
 
 def swap_wire_bytes(tree) -> float:
-    return float(_nbytes(tree))
+    return netsim.p2p_bytes(_nbytes(tree))
+
+
+# ---------------------------------------------------------------------------
+# host-side metrics (not training traffic, not counted)
+# ---------------------------------------------------------------------------
+
+def to_host(tree):
+    """Per-island metrics ([M] arrays sharded over `island`) as numpy on every
+    process. In one process that is a device_get; across processes each holds
+    only its islands' entries, so the few scalars are all-gathered first."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+            return jax.device_get(x)
+        return multihost_utils.process_allgather(x, tiled=True)
+
+    return jax.tree.map(one, tree)
+

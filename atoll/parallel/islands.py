@@ -8,7 +8,8 @@ apply to the rest), plus what each island keeps for the outer loop:
      "params": [M, ...], "opt_state": [M, ...],          inner (AdamW) state
      "outer": {"params": [M, ...],                       θ_outer as each island holds it
                "opt_state": [per fragment: [M, ...]],    outer optimizer (momentum, ...)
-               "pending": [M, ...]   (streaming τ > 0, CO2 / async: reduced Δ in flight)
+               "pending": [M, ...]   (streaming τ > 0, async DiLoCo: reduced Δ in flight;
+                                      CO2: the islands' mean params in flight)
                "ef": [M, ...]        (SparseLoCo error feedback)
                "edit": EwmaStats [M, M] (EDiT norm statistics)}}
 
@@ -35,7 +36,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from atoll.core import compress, outer
-from atoll.parallel import collectives, sharding, train_state
+from atoll.parallel import collectives, netsim, sharding, train_state
 from atoll.parallel.collectives import ISLAND
 
 State = dict[str, Any]
@@ -58,7 +59,7 @@ def _over_islands(fn: Callable, mesh) -> Callable:
 
 def ddp_step_bytes(num_params: int, num_islands: int) -> float:
     """The DDP baseline per island and step: a ring all-reduce of fp32 gradients."""
-    return 2 * (num_islands - 1) / num_islands * 4 * num_params
+    return netsim.ring_allreduce_bytes(4 * num_params, num_islands)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +122,9 @@ class IslandTrainer:
              "opt_state": [jax.tree.map(bcast, self.outer_tx.init(outer.take_pieces(leaves, f)))
                            for f in self.plan]}
         zeros = jax.tree.map(jnp.zeros_like, params)
-        if self.spec.delayed or (self.spec.method == "streaming_diloco" and self.spec.tau > 0):
+        if self.spec.method == "co2":  # parks mean θ; parking φ0 makes the first application a no-op
+            o["pending"] = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+        elif self.spec.delayed or (self.spec.method == "streaming_diloco" and self.spec.tau > 0):
             o["pending"] = zeros
         if self.spec.method == "sparseloco":
             o["ef"] = jax.tree.map(lambda x: x.astype(jnp.float32), zeros)
@@ -181,10 +184,14 @@ class IslandTrainer:
                      out_shardings=(self.shardings, NamedSharding(self.mesh, P(ISLAND))), donate_argnums=(0,))
         return _in_island_mesh(fn, self.mesh)
 
-    def put_batch(self, tokens_BT1: np.ndarray) -> jax.Array:
-        """A global batch [M·b, T+1] from the iterator, split into [M, b, T+1] (island i gets rows i·b...)."""
-        b = tokens_BT1.shape[0] // self.M
-        return jax.device_put(tokens_BT1.reshape(self.M, b, -1), self.batch_sharding())
+    def put_batch(self, local_RT1: np.ndarray) -> jax.Array:
+        """The global batch [M·b, T+1] as [M, b, T+1] (island i gets rows i·b...),
+        from this process's R consecutive rows of it (all of it in one process).
+        Processes hold whole islands (R a multiple of b) or parts of one (R < b)."""
+        R, P = local_RT1.shape[0], jax.process_count()
+        b = R * P // self.M
+        local = local_RT1.reshape(R // b, b, -1) if R >= b else local_RT1[None]
+        return jax.make_array_from_process_local_data(self.batch_sharding(), local, (self.M, b, local.shape[-1]))
 
     # ------------------------------------------------------------ outer syncs
 
@@ -201,7 +208,7 @@ class IslandTrainer:
             if fn is None:
                 fn = self._sync_cache[key] = self._make_sync(*key)
             state, m = fn(state)
-            metrics.update({k: v[0] for k, v in jax.device_get(m).items()})
+            metrics.update({k: v[0] for k, v in collectives.to_host(m).items()})
             w = self.wire[key[:2]]
             sent, received = sent + w.sent, received + w.received
         return state, metrics, WireBytes(sent, received)
@@ -269,7 +276,8 @@ class IslandTrainer:
                 pend = state["outer"]["pending"]
                 return dict(state, outer=dict(state["outer"], pending=put(pend, delta_bar))), metrics
             if s.delayed:  # apply last round's average now, park this round's
-                delta_bar, parked = pieces(state["outer"]["pending"]), delta_bar
+                delta_bar, parked = outer.delayed_pseudo_gradient(
+                    s.method, phi, pieces(state["outer"]["pending"]), delta_bar)
                 state = dict(state, outer=dict(state["outer"], pending=put(state["outer"]["pending"], parked)))
             return apply(state, delta_bar), metrics
 

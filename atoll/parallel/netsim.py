@@ -40,6 +40,8 @@ import dataclasses
 import math
 from typing import Literal, Sequence
 
+from atoll.core import outer
+
 FORWARD_FRAC = 1.0 / 3.0
 BF16_BYTES_PER_PARAM = 2.0
 FP4_BYTES_PER_PARAM = 4.25 / 8.0  # 4-bit values + one fp32 scale per 128-value block
@@ -293,19 +295,8 @@ def diloco_schedule(*, num_steps: int, H: int, layers: int, params_per_layer: fl
 
 def fragment_layers(fragment: int, *, fragments: int, layers: int,
                     pattern: Literal["strided", "sequential"] = "strided") -> list[int]:
-    """Layers of one fragment: strided = {p, p+P, p+2P, ...}; sequential = a
-    contiguous block."""
-    if pattern == "strided":
-        return list(range(fragment, layers, fragments))
-    if pattern == "sequential":
-        return [l for l in range(layers) if l * fragments // layers == fragment]
-    raise ValueError(f"pattern must be 'strided' or 'sequential', got {pattern!r}")
-
-
-def fragment_offset(fragment: int, *, H: int, fragments: int) -> int:
-    """Completed-step phase of a fragment's syncs: fragments sync H/P steps
-    apart and the last one on multiples of H (with DiLoCo)."""
-    return round((fragment + 1) * H / fragments) % H
+    """Layers of one fragment, by the trainer's own rule (core/outer.py)."""
+    return [l for l in range(layers) if outer.fragment_of_layer(l, layers, fragments, pattern) == fragment]
 
 
 def streaming_schedule(*, num_steps: int, H: int, fragments: int, layers: int, params_per_layer: float,
@@ -322,7 +313,7 @@ def streaming_schedule(*, num_steps: int, H: int, fragments: int, layers: int, p
         raise ValueError(f"need H >= 1 and tau >= 0, got H={H}, tau={tau}")
     wire = ring_allreduce_bytes(params_per_layer * bytes_per_param, islands)
     members = [fragment_layers(p, fragments=fragments, layers=layers, pattern=pattern) for p in range(fragments)]
-    offsets = [fragment_offset(p, H=H, fragments=fragments) for p in range(fragments)]
+    offsets = outer.fragment_offsets(H, fragments)
     out: list[Transfer] = []
     for s in range(num_steps):
         for p in range(fragments):

@@ -37,5 +37,6 @@ def request_host_devices(count: int) -> str:
     platforms are unaffected: the flag only shapes the host platform."""
     if count > 1:
         os.environ["XLA_FLAGS"] = xla_flags_with_defaults(
-            os.environ.get("XLA_FLAGS", ""), {"xla_force_host_platform_device_count": str(count)})
+            os.environ.get("XLA_FLAGS", ""),
+            {"xla_force_host_platform_device_count": str(count)})
     return os.environ.get("XLA_FLAGS", "")

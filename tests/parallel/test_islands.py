@@ -113,30 +113,49 @@ def test_outer_lr_and_momentum_follow_nesterov_sgd():
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
 
 
-def test_co2_delayed_update_matches_two_rounds_by_hand():
+def test_co2_delayed_update_matches_three_rounds_by_hand():
     lr, beta, lam, clip = 1.0, 0.5, 2.0, 2e-3
     tr, st = make("co2", H=2, lr=lr, momentum=beta, gap_penalty=lam, clip=clip)
     phi0 = host(jax.tree.map(lambda x: x[0], st["outer"]["params"]))
     thetas = []
     st = run(tr, st, batches(tr, 6),
              hook=lambda i, s: thetas.append(host(s["params"])) if i % 2 == 0 else None)
-    # round 1: nothing to apply yet, Δ̄1 parked; islands restart from φ0
-    # round 2: m = clip(Δ̄1/λ), φ1 = φ0 − lr·m; Δ̄2 = φ0 − mean θ(2) parked
-    # round 3: m = clip(β·m + Δ̄2/λ), φ2 = φ1 − lr·m
-    d1 = jax.tree.map(lambda p, t: p - t.mean(0), phi0, thetas[0])
-    m = jax.tree.map(lambda d: np.clip(d / lam, -clip, clip), d1)
+    # fairscale-CO2: the mean θ of round k is applied at the end of round k+1,
+    # against the outer params of that moment: m = clip(β·m + (φ_now − mean θ_k)/λ).
+    # round 1: nothing in flight (g = 0, so m = 0 and φ stays φ0); mean θ(1) parked
+    # round 2: g = φ0 − mean θ(1), φ1 = φ0 − lr·m; mean θ(2) (trained from φ0) parked
+    # round 3: g = φ1 − mean θ(2), φ2 = φ1 − lr·m
+    mean = [jax.tree.map(lambda t: t.mean(0), th) for th in thetas]
+    m = jax.tree.map(lambda p, t: np.clip((p - t) / lam, -clip, clip), phi0, mean[0])
     phi1 = jax.tree.map(lambda p, m_: p - lr * m_, phi0, m)
-    d2 = jax.tree.map(lambda p, t: p - t.mean(0), phi0, thetas[1])
-    m = jax.tree.map(lambda m_, d: np.clip(beta * m_ + d / lam, -clip, clip), m, d2)
+    m = jax.tree.map(lambda m_, p, t: np.clip(beta * m_ + (p - t) / lam, -clip, clip), m, phi1, mean[1])
     phi2 = jax.tree.map(lambda p, m_: p - lr * m_, phi1, m)
     got = host(tr.eval_params(st))
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(phi2)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(host(st["params"])), jax.tree.leaves(phi2)):  # islands restart from φ2
+        np.testing.assert_allclose(a, np.broadcast_to(b, a.shape), rtol=1e-5, atol=1e-6)
     # the clip binds: some momentum entries sit exactly at the bound
     mom = host(st["outer"]["opt_state"][0].momentum)
     assert max(float(np.abs(x).max()) for x in jax.tree.leaves(mom)) == pytest.approx(clip)
-    unclipped = max(float(np.abs(d / lam).max()) for d in jax.tree.leaves(d1))
+    unclipped = max(float(np.abs((p - t) / lam).max()) for p, t in zip(jax.tree.leaves(phi0), jax.tree.leaves(mean[0])))
     assert unclipped > clip
+
+
+def test_async_diloco_applies_last_rounds_delta_against_its_own_start():
+    """PCCL's async DiLoCo: Δ̄_k = φ_start(k) − mean θ_k, applied as it was one round later."""
+    tr, st = make("async_diloco", H=2, lr=0.7, momentum=0.0)
+    phi0 = host(jax.tree.map(lambda x: x[0], st["outer"]["params"]))
+    thetas = []
+    st = run(tr, st, batches(tr, 6),
+             hook=lambda i, s: thetas.append(host(s["params"])) if i % 2 == 0 else None)
+    mean = [jax.tree.map(lambda t: t.mean(0), th) for th in thetas]
+    # round 1: nothing to apply (φ1 = φ0); round 2 (from φ0): apply Δ̄1 = φ0 − mean θ(1);
+    # round 3 (from φ1): apply Δ̄2 = φ0 − mean θ(2), the round that also started at φ0
+    phi1 = jax.tree.map(lambda p, t: p - 0.7 * (p - t), phi0, mean[0])
+    phi2 = jax.tree.map(lambda p1, p0, t: p1 - 0.7 * (p0 - t), phi1, phi0, mean[1])
+    for a, b in zip(jax.tree.leaves(host(tr.eval_params(st))), jax.tree.leaves(phi2)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_streaming_syncs_every_param_once_per_cycle_with_delay():

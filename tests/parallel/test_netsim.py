@@ -141,7 +141,10 @@ def test_bandwidth_reproduction_ci_orders_methods_like_the_paper(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "results.md").read_text().startswith("# Streaming DiLoCo Table 4")
     assert (tmp_path / "bandwidth.png").stat().st_size > 10_000
-    rows = [r for r in results["rows"] if r["model"] == "100B"]
+    rows = results["rows"]  # the schema: the 100B setting only
+    assert {r["model"] for r in rows} == {"100B"}
+    assert {r["model"] for r in results["all_rows"]} == {"100B", "10B", "1B"}
+    assert all({"method", "utilization", "gbit_per_s", "paper_gbit_per_s"} <= set(r) for r in rows)
     assert len(rows) == len(bandwidth.METHODS) * len(bandwidth.UTILIZATIONS)
     got = {(r["method"], r["utilization"]): r["gbit_per_s"] for r in rows}
     for u in bandwidth.UTILIZATIONS:

@@ -30,14 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from absl import app, flags
+from absl import app
 from tqdm import tqdm
 
+from atoll.experiments.reproduce import cli
 from atoll.parallel import netsim
 
-_PRESET = flags.DEFINE_enum("preset", "ci", ["ci", "full"],
-                            "ci: coarse and fast; full: finer bisection, longer horizon, denser curves.")
-_OUT = flags.DEFINE_string("out", None, "Output directory.")
 
 UTILIZATIONS = (0.5, 0.8, 0.9, 0.95, 0.99)
 METHODS = ("ddp", "diloco", "streaming_diloco", "streaming_diloco_overlap", "streaming_diloco_overlap_fp4", "noloco")
@@ -51,6 +49,7 @@ LABELS = {
     "noloco": "NoLoCo (not in paper)",
 }
 
+HEADLINE = "100B"
 H = 100
 FRAGMENT_LAYERS = 3
 ISLANDS = 2
@@ -141,7 +140,7 @@ def _ordering_violations(rows: list[dict], model: str) -> list[str]:
 
 
 def _markdown(results: dict) -> str:
-    s, rows = results["setting"], results["rows"]
+    s, rows = results["setting"], results["all_rows"]
     lines = [
         "# Streaming DiLoCo Table 4: Gbit/s to reach a compute utilization",
         "",
@@ -213,7 +212,7 @@ def _plot(results: dict, curves: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def reproduce(preset: str, out_dir: Path | str) -> dict[str, Any]:
+def reproduce(preset: str, out_dir: Path | str, progress: bool = True) -> dict[str, Any]:
     """Runs the study, writes results.json / results.md / bandwidth.png in
     `out_dir`, and returns the results dict."""
     if preset not in PRESETS:
@@ -226,7 +225,7 @@ def reproduce(preset: str, out_dir: Path | str) -> dict[str, Any]:
     rows: list[dict] = []
     curves: dict[str, dict[str, tuple[list[float], list[float]]]] = {m: {} for m in MODELS}
     jobs = [(model, method) for model in MODELS for method in METHODS]
-    for model, method in tqdm(jobs, desc="bandwidth sweep", unit="method"):
+    for model, method in tqdm(jobs, desc="bandwidth sweep", unit="method", disable=not progress):
         spec = MODELS[model]
         transfers = schedule(method, spec, num_steps)
         paper = PAPER_GBIT_S[model].get(method)
@@ -257,7 +256,9 @@ def reproduce(preset: str, out_dir: Path | str) -> dict[str, Any]:
             "models": {k: {**dataclasses.asdict(v), "fragments": v.layers // FRAGMENT_LAYERS}
                        for k, v in MODELS.items()},
         },
-        "rows": rows,
+        # The headline (100B) rows under "rows"; every model's under "all_rows".
+        "rows": [r for r in rows if r["model"] == HEADLINE],
+        "all_rows": rows,
         "checks": {
             "ordering_violations": {m: _ordering_violations(rows, m) for m in MODELS},
             "all_within_10x": all(0.1 <= r["ratio"] <= 10.0 for r in compared),
@@ -275,11 +276,9 @@ def reproduce(preset: str, out_dir: Path | str) -> dict[str, Any]:
 
 def main(argv: list[str]) -> None:
     del argv
-    if not _OUT.value:
-        raise app.UsageError("--out=DIR is required")
+    out = Path(cli.out_dir_or_exit())
     t0 = time.perf_counter()
-    reproduce(_PRESET.value, _OUT.value)
-    out = Path(_OUT.value)
+    reproduce(cli.PRESET.value, out, progress=cli.SHOW_PROGRESS.value)
     print((out / "results.md").read_text())
     for name in ("results.json", "results.md", "bandwidth.png"):
         print(out / name)

@@ -9,9 +9,13 @@ batches, and writes DIR/results.json, DIR/results.md and DIR/loss.png
 stands next to is Streaming DiLoCo's Table 5 at 35M params (C4, M=2):
 DP 3.51, DiLoCo H=30 3.54, Streaming FP4 H=30 3.53.
 
-Presets: `ci` is lm.py:tiny (0.85M params) for 600 steps on a 2-core CPU
-(about 15 minutes); `full` is lm.py:small (~25M params) for 6000 steps, a GPU job.
-A rerun with the same --out resumes finished and unfinished runs.
+Presets: `ci` is a narrower, shallower lm.py:tiny (D 64, 2 layers, 0.14M
+params, seq 64, global batch 32) for 3600 steps: 18 min 45 s for all seven
+runs on a 2-core CPU (docs/REPRODUCTIONS.md); `full` is lm.py:small (~25M
+params, seq 512) for 6000 steps, a GPU job.
+A rerun with the same --out keeps the runs that finished (their rows, wall
+times included) and resumes the unfinished ones from their checkpoints;
+delete DIR/runs/NAME to run NAME again.
 """
 
 from __future__ import annotations
@@ -21,17 +25,27 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 
+from atoll.experiments.reproduce import cli
+
+# `ci` shrinks lm.py:tiny (D 64, 2 layers, 0.14M params, seq 64) so that
+# H = 30 gives 120 outer rounds in a CPU budget: DiLoCo's gap to DDP closes
+# with the number of outer rounds (20 rounds of the full tiny model: 19 %;
+# 80 rounds at batch 16: 5.1 %; 120 rounds at batch 32: 1.6 %), so rounds
+# matter more here than model size. Two layers make Streaming DiLoCo's two
+# fragments one layer each.
 PRESETS = {
-    "ci": {"variant": "tiny", "islands": 4, "steps": 600, "batch_size": 32, "eval_every": 100, "eval_batches": 4,
-           "warmup_steps": 50},
-    "full": {"variant": "small", "islands": 4, "steps": 6000, "batch_size": 64, "eval_every": 500,
-             "eval_batches": 8, "warmup_steps": 250},
+    "ci": {"variant": "tiny", "islands": 4, "steps": 3600, "batch_size": 32, "seq_len": 64, "eval_every": 600,
+           "eval_batches": 4, "warmup_steps": 100,
+           "model": {"d_model": 64, "num_layers": 2, "num_heads": 2, "num_kv_heads": 2, "head_dim": 32,
+                     "mlp_dim": 192}},
+    "full": {"variant": "small", "islands": 4, "steps": 6000, "batch_size": 64, "seq_len": 512, "eval_every": 500,
+             "eval_batches": 8, "warmup_steps": 250, "model": {}},
 }
 
-# (run name, outer overrides). Streaming uses 2 fragments so that the tiny
-# model's 4 layers split evenly (strided: layers {0, 2} and {1, 3}).
+# (run name, outer overrides). Streaming uses P = 2 fragments: one layer each
+# at `ci` (with the embedding / the head), layers {0, 2, ...} and {1, 3, ...} at `full`.
 RUNS = (
     ("ddp", {"method": "ddp"}),
     ("diloco_H30", {"method": "diloco", "H": 30}),
@@ -45,16 +59,15 @@ RUNS = (
 
 PAPER_TABLE5_35M = {"ddp": 3.51, "diloco_H30": 3.54, "streaming_diloco_fp4_H30": 3.53}
 
-_PRESET = flags.DEFINE_enum("preset", "ci", list(PRESETS), "Study size.")
-_OUT = flags.DEFINE_string("out", None, "Output directory.")
 _ONLY = flags.DEFINE_list("only", None, "Run only these run names (default: all).")
-_PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 
 def run_config(preset: dict, outer_overrides: dict):
     from atoll.configs import lm
 
     c = lm.get_config(preset["variant"])
+    c.model.update(**preset["model"])
+    c.data.seq_len = preset["seq_len"]
     c.train.update(steps=preset["steps"], batch_size=preset["batch_size"], eval_every=preset["eval_every"],
                    eval_batches=preset["eval_batches"], warmup_steps=preset["warmup_steps"],
                    checkpoint_every=preset["steps"], log_every=max(preset["eval_every"] // 5, 1))
@@ -174,14 +187,20 @@ def reproduce(preset_name: str, out: str | Path, only=None, progress: bool = Tru
         if only and name not in only:
             continue
         workdir = out / "runs" / name
-        print(f"== {name}: {overrides}", flush=True)
-        t0 = time.perf_counter()
-        summary = train(run_config(preset, overrides), workdir, progress=progress).summary
-        wall = time.perf_counter() - t0
-        rows.append(result_row(name, overrides, summary, wall))
+        row_path = workdir / "reproduce_row.json"
+        if row_path.exists():  # finished in an earlier invocation: keep its row (and its wall time)
+            row = json.loads(row_path.read_text())
+            print(f"== {name}: done earlier, val loss {row['final_val_loss']:.4f}", flush=True)
+        else:
+            print(f"== {name}: {overrides}", flush=True)
+            t0 = time.perf_counter()
+            summary = train(run_config(preset, overrides), workdir, progress=progress).summary
+            row = result_row(name, overrides, summary, time.perf_counter() - t0)
+            outputs.write_json(row_path, row)
+            print(f"   val loss {row['final_val_loss']:.4f}, {row['bytes_per_island']:.3g} bytes/island "
+                  f"({row['ratio_to_ddp']:.1f}x fewer than DDP), {row['wall_s']:.0f} s", flush=True)
+        rows.append(row)
         curves[name] = outputs.read_metrics(workdir)
-        print(f"   val loss {summary['val_loss']:.4f}, {summary['bytes_per_island']:.3g} bytes/island "
-              f"({summary['bytes_ratio_to_ddp']:.1f}x fewer than DDP), {wall:.0f} s", flush=True)
     chk = checks(rows)
     results = {"preset": preset_name, "setting": dict(preset), "runs": rows, "checks": chk,
                "paper": {"source": "Streaming DiLoCo (arXiv 2501.18512) Table 5, 35M, C4, M=2",
@@ -197,11 +216,14 @@ def main(argv) -> None:
     from atoll.parallel import runtime
 
     runtime.apply_xla_defaults()
-    runtime.request_host_devices(PRESETS[_PRESET.value]["islands"])
-    if not _OUT.value:
-        sys.exit("error: --out is required")
-    results = reproduce(_PRESET.value, _OUT.value, only=_ONLY.value, progress=_PROGRESS.value)
-    out = Path(_OUT.value)
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    out = Path(cli.out_dir_or_exit())
+    runtime.request_host_devices(PRESETS[cli.PRESET.value]["islands"])
+    if _ONLY.value and (unknown := sorted(set(_ONLY.value) - {name for name, _ in RUNS})):
+        print(f"error: --only names unknown runs {unknown}; choose from {[name for name, _ in RUNS]}",
+              file=sys.stderr)
+        sys.exit(2)
+    results = reproduce(cli.PRESET.value, out, only=_ONLY.value, progress=cli.SHOW_PROGRESS.value)
     print((out / "results.md").read_text())
     print(json.dumps(results["checks"], indent=1))
     print(f"outputs in {out.absolute()}: results.json results.md loss.png runs/")

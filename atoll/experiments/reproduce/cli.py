@@ -1,0 +1,27 @@
+"""Flags every reproduction script takes, defined once.
+
+absl refuses a flag defined twice in one process, and tests, notebooks and
+`launch` import several reproductions side by side; so `--preset`, `--out`
+and `--show_progress` live here and each script reads them.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+
+PRESETS = ("ci", "full")
+
+PRESET = flags.DEFINE_enum("preset", "ci", list(PRESETS),
+                           "ci: small enough for a 2-core CPU in minutes; full: the real study.")
+OUT = flags.DEFINE_string("out", None, "Output directory: results.json, results.md, plots.")
+SHOW_PROGRESS = flags.DEFINE_bool("show_progress", True, "Show progress bars.")
+
+
+def out_dir_or_exit() -> str:
+    """--out, or one clear message and exit status 2."""
+    if not OUT.value:
+        print("error: --out=DIR is required (where results.json, results.md and the plots go)", file=sys.stderr)
+        sys.exit(2)
+    return OUT.value
