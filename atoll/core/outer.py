@@ -165,6 +165,53 @@ def clip_by_global_norm(tree, max_norm: float | None):
 
 
 # ----------------------------------------------------------------------------
+# Heterogeneous islands (FedCompass / A-EDiT): different speeds, one round
+# ----------------------------------------------------------------------------
+
+HETEROGENEITY_MODES = ("wait_for_slowest", "heterogeneous")
+
+
+def inner_steps_per_round(speeds_M: Sequence[float], H: int, mode: str = "heterogeneous") -> list[int]:
+    """Inner steps each island takes in one outer round.
+
+    `speeds_M` are relative step rates (1 = the reference island). In
+    "wait_for_slowest" every island takes H steps and the round lasts as long
+    as the slowest needs; in "heterogeneous" the round lasts as long as the
+    fastest island needs for H steps, and island i fits floor(H·s_i / max s)
+    steps into that time (at least one, so every island contributes).
+    """
+    if H < 1:
+        raise ValueError(f"H must be >= 1, got {H}")
+    if not speeds_M or any(not (s > 0) for s in speeds_M):
+        raise ValueError(f"island speeds must be positive, got {list(speeds_M)}")
+    if mode == "wait_for_slowest":
+        return [H] * len(speeds_M)
+    if mode == "heterogeneous":
+        fastest = max(speeds_M)
+        # the small slack keeps 30 · 0.5 / 1 at 15 despite float rounding
+        return [max(1, int(H * s / fastest + 1e-9)) for s in speeds_M]
+    raise ValueError(f"heterogeneity mode {mode!r}: choose one of {list(HETEROGENEITY_MODES)}")
+
+
+def round_seconds(speeds_M: Sequence[float], steps_M: Sequence[int], step_time_s: float) -> float:
+    """Wall-clock of one round: the last island to finish its steps (an island
+    of speed s takes step_time_s / s per step)."""
+    return max(k * step_time_s / s for k, s in zip(steps_M, speeds_M))
+
+
+def contribution_weights(tokens_M: Sequence[float], staleness_M: Sequence[float] | None = None,
+                         staleness_power: float = 0.0) -> jax.Array:
+    """Weights of the islands' pseudo-gradients in the outer mean: proportional
+    to the tokens each processed, times (1 + staleness)^−a when asked (a =
+    `staleness_power`; staleness in rounds behind). Sums to 1."""
+    w_M = jnp.asarray(tokens_M, jnp.float32)
+    if staleness_M is not None and staleness_power:
+        w_M = w_M * (1.0 + jnp.asarray(staleness_M, jnp.float32)) ** (-staleness_power)
+    total = jnp.sum(w_M)
+    return jnp.where(total > 0, w_M / jnp.where(total > 0, total, 1.0), 0.0)
+
+
+# ----------------------------------------------------------------------------
 # Method settings and the outer optimizer each one uses
 # ----------------------------------------------------------------------------
 

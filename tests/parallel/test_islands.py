@@ -329,3 +329,25 @@ def test_wire_bytes_match_payloads():
     assert max(per_fragment) < 0.6 * sum(per_fragment)  # the peak is one fragment's share
     sp, _ = make("sparseloco", H=30, topk_chunk=256, topk_k=4)
     assert sp.wire[("sync", 0)].sent < tr.wire[("sync", 0)].sent / 30
+
+
+def test_heterogeneous_steps_weights_and_round_time_by_hand():
+    speeds = [1.0, 1.0, 0.5, 0.25]
+    assert outer.inner_steps_per_round(speeds, 30, "wait_for_slowest") == [30, 30, 30, 30]
+    steps = outer.inner_steps_per_round(speeds, 30, "heterogeneous")
+    assert steps == [30, 30, 15, 7]
+    assert outer.inner_steps_per_round([2.0, 0.01], 10, "heterogeneous") == [10, 1]  # everyone contributes
+    # a round: the slowest island's time when everyone waits, the fastest's otherwise
+    assert outer.round_seconds(speeds, [30] * 4, 0.1) == pytest.approx(12.0)
+    assert outer.round_seconds(speeds, steps, 0.1) == pytest.approx(3.0)
+    # weights ∝ tokens (steps × per-island batch): 30, 30, 15, 7 of 82
+    w = np.asarray(outer.contribution_weights([s * 256 for s in steps]))
+    np.testing.assert_allclose(w, np.array([30, 30, 15, 7]) / 82, rtol=1e-6)
+    # staleness: (1 + s)^-1 with the last island one round behind: 30, 30, 15, 3.5 of 78.5
+    w = np.asarray(outer.contribution_weights(steps, staleness_M=[0, 0, 0, 1], staleness_power=1.0))
+    np.testing.assert_allclose(w, np.array([30, 30, 15, 3.5]) / 78.5, rtol=1e-6)
+    for bad in ([1.0, 0.0], []):
+        with pytest.raises(ValueError, match="positive"):
+            outer.inner_steps_per_round(bad, 30)
+    with pytest.raises(ValueError, match="heterogeneity mode"):
+        outer.inner_steps_per_round(speeds, 30, "fastest")
