@@ -207,8 +207,7 @@ def contribution_weights(tokens_M: Sequence[float], staleness_M: Sequence[float]
     w_M = jnp.asarray(tokens_M, jnp.float32)
     if staleness_M is not None and staleness_power:
         w_M = w_M * (1.0 + jnp.asarray(staleness_M, jnp.float32)) ** (-staleness_power)
-    total = jnp.sum(w_M)
-    return jnp.where(total > 0, w_M / jnp.where(total > 0, total, 1.0), 0.0)
+    return w_M / jnp.maximum(jnp.sum(w_M), jnp.finfo(jnp.float32).tiny)  # all zero stays all zero
 
 
 # ----------------------------------------------------------------------------

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
+from atoll.parallel import runtime
+
 _NUM = flags.DEFINE_integer("num_processes", 2, "How many processes to start.")
 _DEVICES = flags.DEFINE_integer("devices_per_process", 0,
                                 "CPU host devices per process (0: leave XLA's default); ignored on GPU.")
@@ -43,8 +45,8 @@ def child_env(base: dict, *, process_id: int, num_processes: int, port: int, dev
     env = dict(base, ATOLL_COORDINATOR=f"127.0.0.1:{port}", ATOLL_NUM_PROCESSES=str(num_processes),
                ATOLL_PROCESS_ID=str(process_id), PYTHONUNBUFFERED="1")
     if devices > 0:
-        flags_ = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-        env["XLA_FLAGS"] = " ".join(flags_ + [f"--xla_force_host_platform_device_count={devices}"])
+        env["XLA_FLAGS"] = runtime.xla_flags_overriding(
+            env.get("XLA_FLAGS", ""), {"xla_force_host_platform_device_count": str(devices)})
         env["JAX_NUM_CPU_DEVICES"] = str(devices)
     return env
 

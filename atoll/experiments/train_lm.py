@@ -216,8 +216,12 @@ def train(
         row = {}
         if sync_metrics:
             row.update({k: float(v) for k, v in sync_metrics.items()})
-        if step % t.log_every == 0 or step == end:
+        log_now = step % t.log_every == 0 or step == end
+        eval_now = step % t.eval_every == 0 or step == t.steps
+        if log_now or eval_now:  # one host copy of the step's metrics serves both rows
             m = collectives.to_host(metrics)
+            row.update(_island_fields(m["loss"], ledger if low_comm else None, step * tokens_per_step))
+        if log_now:
             now = time.perf_counter()
             rate = (step - last_step) * tokens_per_step / (now - last_time)
             if not compiling:  # the first interval after (re)start holds compilation
@@ -226,13 +230,10 @@ def train(
             last_time, last_step = now, step
             row.update(loss=float(np.mean(m["loss"])), grad_norm=float(np.mean(m["grad_norm"])),
                        learning_rate=float(schedule(step - 1)), tokens_per_sec=rate)
-            row.update(_island_fields(m["loss"], ledger if low_comm else None, step * tokens_per_step))
             bar.set_postfix(loss=f"{row['loss']:.3f}")
-        if step % t.eval_every == 0 or step == t.steps:
+        if eval_now:
             val_loss = evaluate(eval_fn, engine.eval_params(state), val_windows, t.batch_size, mesh)
             row["val_loss"] = val_loss
-            row.update(_island_fields(collectives.to_host(metrics["loss"]), ledger if low_comm else None,
-                                      step * tokens_per_step))
             if corpus.is_bytes:
                 row["val_bits_per_byte"] = text.bits_per_token(val_loss)
             last_time = time.perf_counter()  # evaluation time is not training throughput

@@ -23,6 +23,12 @@ def xla_flags_with_defaults(current: str, defaults: dict[str, str] = DEFAULT_XLA
     return " ".join([current.strip(), *added]).strip()
 
 
+def xla_flags_overriding(current: str, overrides: dict[str, str]) -> str:
+    """`current` XLA_FLAGS with every flag in `overrides` set to its value there."""
+    kept = [tok for tok in current.split() if tok.lstrip("-").split("=", 1)[0] not in overrides]
+    return " ".join(kept + [f"--{k}={v}" for k, v in overrides.items()])
+
+
 def apply_xla_defaults() -> str:
     """Adds atoll's default XLA flags to the environment; returns the result."""
     if os.environ.get("ATOLL_XLA_DEFAULTS", "1") == "0":
@@ -37,6 +43,5 @@ def request_host_devices(count: int) -> str:
     platforms are unaffected: the flag only shapes the host platform."""
     if count > 1:
         os.environ["XLA_FLAGS"] = xla_flags_with_defaults(
-            os.environ.get("XLA_FLAGS", ""),
-            {"xla_force_host_platform_device_count": str(count)})
+            os.environ.get("XLA_FLAGS", ""), {"xla_force_host_platform_device_count": str(count)})
     return os.environ.get("XLA_FLAGS", "")

@@ -1,8 +1,8 @@
 """Flags every reproduction script takes, defined once.
 
-absl refuses a flag defined twice in one process, and tests, notebooks and
-`launch` import several reproductions side by side; so `--preset`, `--out`
-and `--show_progress` live here and each script reads them.
+absl refuses a flag defined twice in one process, and tests and notebooks
+import several reproductions side by side; so `--preset`, `--out` and
+`--show_progress` live here and each script reads them.
 """
 
 from __future__ import annotations
