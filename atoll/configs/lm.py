@@ -146,7 +146,37 @@ def outer_config() -> ml_collections.ConfigDict:
     o.topk_k = 64          # sparseloco: entries kept per chunk (1.56 %)
     o.topk_bins = 4        # sparseloco: 2-bit values
     o.ef_decay = 0.95      # sparseloco: error-feedback decay β
+    # Islands of different speeds (diloco, fedavg): relative step rates, or
+    # measured seconds per step, one per island; () = all equal.
+    o.speeds = ()
+    o.step_seconds = ()
+    o.heterogeneity = "wait_for_slowest"  # | heterogeneous: faster islands take more steps per round
+    o.min_inner_steps = 1  # heterogeneous: an island fitting fewer per round spans rounds (stale)
+    o.staleness_power = 0.0  # heterogeneous: weight ∝ tokens · (1 + rounds stale)^−power
     return o
+
+
+HETEROGENEOUS_METHODS = ("diloco", "fedavg")
+
+
+def island_speeds(c: ml_collections.ConfigDict) -> list[float] | None:
+    """Relative island speeds from config.outer.speeds or .step_seconds (None: all equal)."""
+    from atoll.core.outer import speeds_from_step_seconds
+
+    o = c.outer
+    if o.step_seconds:
+        return speeds_from_step_seconds([float(t) for t in o.step_seconds])
+    return [float(s) for s in o.speeds] if o.speeds else None
+
+
+def island_schedule(c: ml_collections.ConfigDict):
+    """The IslandSchedule of a validated config (None: every island takes every step)."""
+    from atoll.core.outer import island_schedule as schedule
+
+    speeds, o = island_speeds(c), c.outer
+    if speeds is None or o.method in ("none", "ddp"):
+        return None
+    return schedule(speeds, o.H, o.heterogeneity, min_steps=o.min_inner_steps, staleness_power=o.staleness_power)
 
 
 def outer_spec(c: ml_collections.ConfigDict):
@@ -265,8 +295,41 @@ def _validate_outer(c: ml_collections.ConfigDict) -> None:
     if o.quantization != "fp32" and o.method not in ("diloco", "fedavg", "streaming_diloco", "co2", "async_diloco"):
         raise v.ConfigError(f"config.outer.quantization = {o.quantization!r} is not available for {o.method!r} "
                             "(it has its own wire format); use fp32")
+    _validate_heterogeneity(c)
     if o.method == "noloco" and islands % 2:
         raise v.ConfigError(f"config.mesh.island = {islands}: noloco pairs islands, so it needs an even count")
     if c.train.batch_size % islands:
         raise v.ConfigError(f"config.train.batch_size = {c.train.batch_size} must be divisible by "
                             f"config.mesh.island = {islands} (each island trains on its share)")
+
+
+def _validate_heterogeneity(c: ml_collections.ConfigDict) -> None:
+    from atoll.core.outer import HETEROGENEITY_MODES
+
+    o = c.outer
+    v.choice(c, "outer.heterogeneity", HETEROGENEITY_MODES)
+    v.non_negative(c, "outer.staleness_power")
+    if not 1 <= o.min_inner_steps <= o.H:
+        raise v.ConfigError(f"config.outer.min_inner_steps = {o.min_inner_steps} must be between 1 and "
+                            f"config.outer.H = {o.H}")
+    if o.speeds and o.step_seconds:
+        raise v.ConfigError("give config.outer.speeds or config.outer.step_seconds, not both")
+    for field in ("speeds", "step_seconds"):
+        values = o[field]
+        if not values:
+            continue
+        if len(values) != c.mesh.island:
+            raise v.ConfigError(f"config.outer.{field} has {len(values)} entries; it needs one per island "
+                                f"(config.mesh.island = {c.mesh.island})")
+        if any(not isinstance(x, (int, float)) or not x > 0 for x in values):
+            raise v.ConfigError(f"config.outer.{field} = {tuple(values)} must all be positive numbers")
+    if o.heterogeneity == "heterogeneous":
+        if not (o.speeds or o.step_seconds):
+            raise v.ConfigError("config.outer.heterogeneity = 'heterogeneous' needs island speeds: set "
+                                "config.outer.speeds (relative step rates) or config.outer.step_seconds")
+        if o.method not in HETEROGENEOUS_METHODS:
+            raise v.ConfigError(f"config.outer.heterogeneity = 'heterogeneous' works with "
+                                f"{list(HETEROGENEOUS_METHODS)} (method is {o.method!r})")
+        if o.quantization != "fp32":
+            raise v.ConfigError("config.outer.heterogeneity = 'heterogeneous' sends a token-weighted fp32 "
+                                f"mean; set config.outer.quantization = 'fp32' (it is {o.quantization!r})")

@@ -17,6 +17,7 @@ Letters: M islands, H inner steps per outer round, P fragments, τ delay (steps)
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -171,43 +172,99 @@ def clip_by_global_norm(tree, max_norm: float | None):
 HETEROGENEITY_MODES = ("wait_for_slowest", "heterogeneous")
 
 
-def inner_steps_per_round(speeds_M: Sequence[float], H: int, mode: str = "heterogeneous") -> list[int]:
-    """Inner steps each island takes in one outer round.
+@dataclasses.dataclass(frozen=True)
+class IslandSchedule:
+    """Who takes an inner step when, and who contributes to which outer step,
+    for islands of different speeds (FedCompass / A-EDiT style).
 
-    `speeds_M` are relative step rates (1 = the reference island). In
-    "wait_for_slowest" every island takes H steps and the round lasts as long
-    as the slowest needs; in "heterogeneous" the round lasts as long as the
-    fastest island needs for H steps, and island i fits floor(H·s_i / max s)
-    steps into that time (at least one, so every island contributes).
+    Island i takes `steps_M[i]` inner steps in every period of `rounds_M[i]`
+    outer rounds (H ticks each; a tick is one step of the fastest island),
+    spread evenly over the period, and sends its pseudo-gradient at the
+    period's end, `rounds_M[i] − 1` rounds stale. The outer mean weights the
+    senders by tokens processed (∝ steps), times (1 + staleness)^−a with
+    a = `staleness_power`. The methods take numpy or traced jnp step counts
+    alike, so host and device agree on the schedule without talking.
+    """
+    H: int
+    steps_M: tuple[int, ...]
+    rounds_M: tuple[int, ...]
+    staleness_power: float = 0.0
+
+    @property
+    def uniform(self) -> bool:
+        """Every island takes every step and sends every round: plain DiLoCo."""
+        return all(k == self.H for k in self.steps_M) and all(r == 1 for r in self.rounds_M)
+
+    def _period(self):
+        import numpy as np
+        return np.asarray(self.steps_M), np.asarray(self.rounds_M) * self.H
+
+    def active(self, step):
+        """[M] bool: does island i take inner step `step` (1-based tick)?"""
+        k, L = self._period()
+        v = (step - 1) % L  # position of this tick in the island's period
+        return (v + 1) * k // L > v * k // L
+
+    def steps_done(self, step):
+        """[M] inner steps each island has taken after `step` ticks."""
+        k, L = self._period()
+        return (step // L) * k + (step % L) * k // L
+
+    def weights(self, step):
+        """[M] weights of the islands' pseudo-gradients in the outer step after
+        tick `step` (a multiple of H); 0 for islands not sending this round."""
+        import numpy as np
+        k, r = np.asarray(self.steps_M, np.float32), np.asarray(self.rounds_M)
+        sending = (step // self.H) % r == 0
+        w_M = sending * k * (1.0 + (r - 1).astype(np.float32)) ** np.float32(-self.staleness_power)
+        return w_M / w_M.sum()  # the fastest island sends every round, so the sum is > 0
+
+
+def island_schedule(speeds_M: Sequence[float], H: int, mode: str = "heterogeneous", *, min_steps: int = 1,
+                    staleness_power: float = 0.0) -> IslandSchedule:
+    """The schedule for islands of relative speeds `speeds_M` (step rates; 1 = reference).
+
+    "wait_for_slowest": every island takes H steps per round, so the round
+    lasts as long as the slowest island needs. "heterogeneous": a round lasts
+    as long as the fastest island needs for H steps and island i takes the
+    floor(H·s_i / max s) steps that fit. An island that would fit fewer than
+    `min_steps` per round works over ceil(min_steps / (H·s_i / max s)) rounds
+    instead and sends a stale pseudo-gradient at the end of them.
     """
     if H < 1:
         raise ValueError(f"H must be >= 1, got {H}")
+    if not 1 <= min_steps <= H:
+        raise ValueError(f"min_steps must be between 1 and H = {H}, got {min_steps}")
     if not speeds_M or any(not (s > 0) for s in speeds_M):
         raise ValueError(f"island speeds must be positive, got {list(speeds_M)}")
+    if mode not in HETEROGENEITY_MODES:
+        raise ValueError(f"heterogeneity mode {mode!r}: choose one of {list(HETEROGENEITY_MODES)}")
+    M = len(speeds_M)
     if mode == "wait_for_slowest":
-        return [H] * len(speeds_M)
-    if mode == "heterogeneous":
-        fastest = max(speeds_M)
+        return IslandSchedule(H, (H,) * M, (1,) * M, staleness_power)
+    fastest = max(speeds_M)
+    steps, rounds = [], []
+    for s in speeds_M:
+        per_round = H * s / fastest
+        r = max(1, math.ceil(min_steps / per_round - 1e-9))
         # the small slack keeps 30 · 0.5 / 1 at 15 despite float rounding
-        return [max(1, int(H * s / fastest + 1e-9)) for s in speeds_M]
-    raise ValueError(f"heterogeneity mode {mode!r}: choose one of {list(HETEROGENEITY_MODES)}")
+        steps.append(max(1, int(r * per_round + 1e-9)))
+        rounds.append(r)
+    return IslandSchedule(H, tuple(steps), tuple(rounds), staleness_power)
 
 
-def round_seconds(speeds_M: Sequence[float], steps_M: Sequence[int], step_time_s: float) -> float:
-    """Wall-clock of one round: the last island to finish its steps (an island
-    of speed s takes step_time_s / s per step)."""
-    return max(k * step_time_s / s for k, s in zip(steps_M, speeds_M))
+def round_seconds(speeds_M: Sequence[float], schedule: IslandSchedule, step_time_s: float) -> float:
+    """Compute wall-clock of one round: the last island to finish its share
+    (an island of speed s takes step_time_s / s per step; one spanning r
+    rounds does 1/r of its steps per round)."""
+    return max(k * step_time_s / (s * r) for k, r, s in zip(schedule.steps_M, schedule.rounds_M, speeds_M))
 
 
-def contribution_weights(tokens_M: Sequence[float], staleness_M: Sequence[float] | None = None,
-                         staleness_power: float = 0.0) -> jax.Array:
-    """Weights of the islands' pseudo-gradients in the outer mean: proportional
-    to the tokens each processed, times (1 + staleness)^−a when asked (a =
-    `staleness_power`; staleness in rounds behind). Sums to 1."""
-    w_M = jnp.asarray(tokens_M, jnp.float32)
-    if staleness_M is not None and staleness_power:
-        w_M = w_M * (1.0 + jnp.asarray(staleness_M, jnp.float32)) ** (-staleness_power)
-    return w_M / jnp.maximum(jnp.sum(w_M), jnp.finfo(jnp.float32).tiny)  # all zero stays all zero
+def speeds_from_step_seconds(step_seconds_M: Sequence[float]) -> list[float]:
+    """Relative speeds from measured per-island step times (fastest = 1)."""
+    if not step_seconds_M or any(not (t > 0) for t in step_seconds_M):
+        raise ValueError(f"island step times must be positive, got {list(step_seconds_M)}")
+    return [min(step_seconds_M) / t for t in step_seconds_M]
 
 
 # ----------------------------------------------------------------------------

@@ -117,6 +117,9 @@ class _Replicated:
     def after_step(self, state, step):
         return state, {}, self.wire
 
+    def tokens_at(self, step, tokens_per_step):
+        return step * tokens_per_step
+
     def eval_params(self, state):
         return state["params"]
 
@@ -124,8 +127,8 @@ class _Replicated:
 class _Islands(islands.IslandTrainer):
     """Low-communication training: one replica per island, synced by config.outer."""
 
-    def __init__(self, model, tx, mesh, seq_len, spec):
-        super().__init__(model, tx, spec, mesh, seq_len)
+    def __init__(self, model, tx, mesh, seq_len, spec, schedule):
+        super().__init__(model, tx, spec, mesh, seq_len, schedule)
         self.param_shardings = self.inner_shardings["params"]
 
 
@@ -170,7 +173,9 @@ def train(
     spec = lm_config.outer_spec(config)
     data = text.BatchIterator(corpus.train, global_batch=t.batch_size, seq_len=seq_len, seed=config.seed,
                               process_index=jax.process_index(), process_count=jax.process_count())
-    engine = _Replicated(model, tx, mesh, seq_len) if spec is None else _Islands(model, tx, mesh, seq_len, spec)
+    island_plan = lm_config.island_schedule(config)
+    engine = (_Replicated(model, tx, mesh, seq_len) if spec is None
+              else _Islands(model, tx, mesh, seq_len, spec, island_plan))
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
     latest = ckpt.latest_step()
     if latest is not None:
@@ -220,7 +225,8 @@ def train(
         eval_now = step % t.eval_every == 0 or step == t.steps
         if log_now or eval_now:  # one host copy of the step's metrics serves both rows
             m = collectives.to_host(metrics)
-            row.update(_island_fields(m["loss"], ledger if low_comm else None, step * tokens_per_step))
+            row.update(_island_fields(m["loss"], ledger if low_comm else None,
+                                      engine.tokens_at(step, tokens_per_step)))
         if log_now:
             now = time.perf_counter()
             rate = (step - last_step) * tokens_per_step / (now - last_time)
@@ -268,7 +274,11 @@ def train(
             bytes_per_island=ledger.sent, bytes_received_per_island=ledger.received,
             peak_bytes_per_step=ledger.peak_step, ddp_bytes_per_island=ledger.ddp,
             bytes_ratio_to_ddp=ledger.ddp / ledger.sent if ledger.sent else None,
-            tokens=step * tokens_per_step)
+            tokens=engine.tokens_at(step, tokens_per_step))
+        if island_plan is not None:
+            summary["island_schedule"] = {
+                "speeds": lm_config.island_speeds(config), "mode": config.outer.heterogeneity,
+                "steps_per_period": list(island_plan.steps_M), "rounds_per_period": list(island_plan.rounds_M)}
     outputs.write_json(workdir / "summary.json", summary)
     outputs.plot_loss(workdir, unit=unit.replace("_", " "), scale=1 / np.log(2), bar=unigram,
                       bar_label=f"unigram ({unigram:.2f})")

@@ -32,6 +32,12 @@ def mean(tree):
     return jax.tree.map(lambda x: jax.lax.pmean(x, ISLAND), tree)
 
 
+def weighted_sum(tree, weight):
+    """Σ_i w_i·x_i over islands (w_i this island's scalar weight): the same
+    all-reduce as `mean`, so the same bytes (mean_wire_bytes)."""
+    return jax.tree.map(lambda x: jax.lax.psum(weight.astype(x.dtype) * x, ISLAND), tree)
+
+
 def mean_wire_bytes(tree, num_islands: int) -> float:
     return netsim.ring_allreduce_bytes(_nbytes(tree), num_islands)
 

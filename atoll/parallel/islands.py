@@ -11,6 +11,7 @@ apply to the rest), plus what each island keeps for the outer loop:
                "pending": [M, ...]   (streaming τ > 0, async DiLoCo: reduced Δ in flight;
                                       CO2: the islands' mean params in flight)
                "ef": [M, ...]        (SparseLoCo error feedback)
+               "anchor": [M, ...]    (islands spanning rounds: the θ_outer each started from)
                "edit": EwmaStats [M, M] (EDiT norm statistics)}}
 
 The inner step is the plain train step vmapped over islands (spmd_axis_name
@@ -19,6 +20,13 @@ through the shard_map'd functions below, which call parallel/collectives.py;
 the outer math comes from core/outer.py. Which sync runs after which step is
 `outer.events_at`, evaluated on the host, so each compiled sync is small and
 the schedule position is just the step counter (checkpointed with the state).
+
+Islands of different speeds follow an `outer.IslandSchedule`: a slower island
+skips some ticks (its params and optimizer state stay as they were), and the
+outer step takes the token-weighted sum of the pseudo-gradients of the
+islands that send this round; an island spanning several rounds keeps its
+own params and anchor until its period ends. Both masks come from the step
+counter on the device, so no host input and no recompilation per round.
 """
 
 from __future__ import annotations
@@ -73,9 +81,10 @@ class IslandTrainer:
     """Builds and runs the island state, inner step and outer syncs for one run."""
 
     def __init__(self, model: nn.Module, tx: optax.GradientTransformation, spec: outer.OuterSpec,
-                 mesh: jax.sharding.Mesh, seq_len: int):
+                 mesh: jax.sharding.Mesh, seq_len: int, schedule: outer.IslandSchedule | None = None):
         self.model, self.tx, self.spec, self.mesh, self.seq_len = model, tx, spec, mesh, seq_len
         self.M = int(dict(zip(mesh.axis_names, mesh.devices.shape))[ISLAND])
+        self.schedule = _check_schedule(schedule, spec, self.M)
         self.outer_tx = outer.outer_transform(spec)
         inner = train_state.state_shardings(model, tx, mesh, seq_len)
         self.inner_shardings = inner
@@ -130,6 +139,8 @@ class IslandTrainer:
             o["ef"] = jax.tree.map(lambda x: x.astype(jnp.float32), zeros)
         if self.spec.method == "edit":
             o["edit"] = jax.tree.map(bcast, outer.edit_init_stats(self.M))
+        if self.schedule is not None and max(self.schedule.rounds_M) > 1:
+            o["anchor"] = params
         st["outer"] = o
         return st
 
@@ -143,7 +154,7 @@ class IslandTrainer:
         sh = {"step": rep, "params": params_sh,
               "opt_state": jax.tree.map(island_sharding, self.inner_shardings["opt_state"]),
               "outer": {"params": params_sh, "opt_state": self._outer_opt_shardings(abstract["outer"]["opt_state"])}}
-        for key in ("pending", "ef"):
+        for key in ("pending", "ef", "anchor"):
             if key in abstract["outer"]:
                 sh["outer"][key] = params_sh
         if "edit" in abstract["outer"]:
@@ -168,15 +179,19 @@ class IslandTrainer:
         return NamedSharding(self.mesh, P(ISLAND, sharding.BATCH_AXES, None))
 
     def _make_train_step(self):
-        def inner(params, opt_state, tokens_BT1):
+        def inner(params, opt_state, tokens_BT1, active):
             st, metrics = train_state.train_step(
                 self.model, self.tx, {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state},
                 tokens_BT1)
+            if active is not None:  # an island sitting this tick out keeps what it had
+                keep = lambda new, old: jnp.where(active, new, old)
+                return jax.tree.map(keep, st["params"], params), jax.tree.map(keep, st["opt_state"], opt_state), metrics
             return st["params"], st["opt_state"], metrics
 
         def step(state: State, tokens_MBT1: jax.Array):
+            active_M = None if self.schedule is None else self.schedule.active(state["step"] + 1)
             params, opt_state, metrics = jax.vmap(inner, spmd_axis_name=ISLAND)(
-                state["params"], state["opt_state"], tokens_MBT1)
+                state["params"], state["opt_state"], tokens_MBT1, active_M)
             new = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
             return new, metrics  # per island [M]: averaging them here would be a cross-island collective
 
@@ -192,6 +207,13 @@ class IslandTrainer:
         b = R * P // self.M
         local = local_RT1.reshape(R // b, b, -1) if R >= b else local_RT1[None]
         return jax.make_array_from_process_local_data(self.batch_sharding(), local, (self.M, b, local.shape[-1]))
+
+    def tokens_at(self, step: int, tokens_per_step: int) -> int:
+        """Tokens all islands have trained on after `step` ticks (an island
+        taking a tick off does not count its share of the batch)."""
+        if self.schedule is None:
+            return step * tokens_per_step
+        return int(np.sum(self.schedule.steps_done(step))) * tokens_per_step // self.M
 
     # ------------------------------------------------------------ outer syncs
 
@@ -229,25 +251,32 @@ class IslandTrainer:
             upd, ostate = self.outer_tx.update(delta_bar, ostate, phi)
             return optax.apply_updates(phi, upd), ostate
 
-        def finish(state, new_phi, new_ostate):
+        def finish(state, new_phi, new_ostate, sending_M=None):
             theta = pieces(state["params"])
             mixed = [alpha * t + (1 - alpha) * p if alpha else p for t, p in zip(theta, new_phi)]
             o = dict(state["outer"], params=put(state["outer"]["params"], new_phi))
+            if sending_M is not None:  # islands that did not send this round train on from where they are
+                mixed = [_where_M(sending_M, m, t) for m, t in zip(mixed, theta)]
+                if "anchor" in o:
+                    o["anchor"] = put(o["anchor"], [_where_M(sending_M, p, a)
+                                                    for p, a in zip(new_phi, pieces(o["anchor"]))])
             o["opt_state"] = list(o["opt_state"])
             o["opt_state"][frag_index] = new_ostate
             return dict(state, params=put(state["params"], mixed), outer=o)
 
         reduce = self._reduce_fn()
 
-        def apply(state: State, delta_bar):
+        def apply(state: State, delta_bar, sending_M=None):
             phi = pieces(state["outer"]["params"])
             ostate = state["outer"]["opt_state"][frag_index]
             new_phi, new_ostate = jax.vmap(outer_apply)(delta_bar, ostate, [p.astype(jnp.float32) for p in phi])
-            return finish(state, [n.astype(p.dtype) for n, p in zip(new_phi, phi)], new_ostate)
+            return finish(state, [n.astype(p.dtype) for n, p in zip(new_phi, phi)], new_ostate, sending_M)
 
         def sync(state: State):
             if kind == "apply":  # streaming, τ > 0: the reduced Δ arrived τ steps after its send
                 return apply(state, pieces(state["outer"]["pending"])), {}
+            if self.schedule is not None:
+                return weighted(state)
             phi, theta = pieces(state["outer"]["params"]), pieces(state["params"])
             delta = [(p - t).astype(jnp.float32) for p, t in zip(phi, theta)]
             ostate = state["outer"]["opt_state"][frag_index]
@@ -280,6 +309,19 @@ class IslandTrainer:
                     s.method, phi, pieces(state["outer"]["pending"]), delta_bar)
                 state = dict(state, outer=dict(state["outer"], pending=put(state["outer"]["pending"], parked)))
             return apply(state, delta_bar), metrics
+
+        def weighted(state: State):
+            """Islands of different speeds: Σ w_i Δ_i over the islands sending
+            this round, w ∝ tokens (× staleness discount), Δ_i against the
+            outer params island i started its period from."""
+            w_M = self.schedule.weights(state["step"])
+            start = state["outer"]["anchor"] if "anchor" in state["outer"] else state["outer"]["params"]
+            delta = [(a - t).astype(jnp.float32) for a, t in zip(pieces(start), pieces(state["params"]))]
+            delta_bar = _over_islands(collectives.weighted_sum, self.mesh)(delta, w_M)
+            sending_M = w_M > 0
+            metrics = {"outer/delta_norm": _norm_M(delta_bar), "outer/islands_sending": jnp.broadcast_to(
+                jnp.sum(sending_M), (M,))}
+            return apply(state, delta_bar, sending_M), metrics
 
         # Metrics stay per island [M] (island 0's is read on the host): pulling
         # one island's value onto every device would itself cross islands.
@@ -374,6 +416,25 @@ class IslandTrainer:
             self._first = jax.jit(lambda t: jax.tree.map(lambda x: x[0], t),
                                   out_shardings=self.inner_shardings["params"])
         return self._first(state["outer"]["params"])
+
+
+def _where_M(mask_M: jax.Array, a_M: jax.Array, b_M: jax.Array) -> jax.Array:
+    """a where the island's mask is set, else b (island dimension first)."""
+    return jnp.where(mask_M.reshape((-1,) + (1,) * (a_M.ndim - 1)), a_M, b_M)
+
+
+def _check_schedule(schedule: outer.IslandSchedule | None, spec: outer.OuterSpec,
+                    num_islands: int) -> outer.IslandSchedule | None:
+    """The schedule the trainer needs to follow (None when every island takes every step)."""
+    if schedule is None or schedule.uniform:
+        return None
+    if len(schedule.steps_M) != num_islands:
+        raise ValueError(f"the island schedule has {len(schedule.steps_M)} islands; the mesh has {num_islands}")
+    if spec.method not in ("diloco", "fedavg") or spec.quantization != "fp32" or schedule.H != spec.H:
+        raise ValueError(f"islands of different speeds need diloco or fedavg with fp32 on the wire and the "
+                         f"schedule's H = the method's H (got {spec.method}, {spec.quantization}, "
+                         f"H {schedule.H} vs {spec.H})")
+    return schedule
 
 
 def _norm_M(tree_M) -> jax.Array:

@@ -107,6 +107,11 @@ def allgather_hops(islands: int) -> int:
     return islands - 1
 
 
+def transfer_seconds(wire_bytes: float, hops: int, bandwidth_bit_s: float, latency_s: float = 0.0) -> float:
+    """Time one transfer holds the link."""
+    return hops * latency_s + wire_bytes * 8.0 / bandwidth_bit_s
+
+
 def _check_islands(islands: int) -> None:
     if islands < 1:
         raise ValueError(f"islands must be >= 1, got {islands}")
@@ -181,7 +186,6 @@ def _run(prep: _Prepared, step_time_s: float, bandwidth_bit_s: float, latency_s:
     if step_time_s <= 0 or bandwidth_bit_s <= 0 or latency_s < 0:
         raise ValueError(f"need step_time_s > 0, bandwidth_bit_s > 0, latency_s >= 0; got "
                          f"{step_time_s}, {bandwidth_bit_s}, {latency_s}")
-    seconds_per_byte = 8.0 / bandwidth_bit_s
     wire, hops = prep.wire_bytes, prep.hops
     done_s: dict[int, float] = {}
     t_s, pos, link_free_s = 0.0, 0.0, 0.0
@@ -189,7 +193,7 @@ def _run(prep: _Prepared, step_time_s: float, bandwidth_bit_s: float, latency_s:
         t_s += (p - pos) * step_time_s
         pos = p
         if ready:
-            link_free_s = max(t_s, link_free_s) + hops[i] * latency_s + wire[i] * seconds_per_byte
+            link_free_s = max(t_s, link_free_s) + transfer_seconds(wire[i], hops[i], bandwidth_bit_s, latency_s)
             done_s[i] = link_free_s
         elif done_s[i] > t_s:
             t_s = done_s[i]
@@ -334,3 +338,23 @@ def noloco_schedule(*, num_steps: int, H: int, layers: int, params_per_layer: fl
         out += _layer_sync(s, s + 1, range(layers), layers=layers, layer_wire_bytes=per_layer, hops=1,
                            backward_overlap=backward_overlap)
     return out
+
+
+# ------------------------------------------------------- heterogeneous islands
+
+
+def island_round_seconds(speeds_M: Sequence[float], schedule: "outer.IslandSchedule", *, step_time_s: float,
+                         payload_bytes: float, bandwidth_bit_s: float, latency_s: float = 0.0) -> float:
+    """Wall-clock of one outer round of islands with different speeds: the
+    last island to finish its inner steps (`outer.round_seconds`; an island of
+    speed 1 takes step_time_s per step), then a blocking ring all-reduce of
+    the fp32 pseudo-gradient (`payload_bytes`) over the M islands. Islands are
+    no longer symmetric here, so this is a per-round formula rather than the
+    one-island event simulation above."""
+    if step_time_s <= 0 or bandwidth_bit_s <= 0 or latency_s < 0:
+        raise ValueError(f"need step_time_s > 0, bandwidth_bit_s > 0, latency_s >= 0; got "
+                         f"{step_time_s}, {bandwidth_bit_s}, {latency_s}")
+    M = len(speeds_M)
+    sync_s = transfer_seconds(ring_allreduce_bytes(payload_bytes, M), ring_allreduce_hops(M), bandwidth_bit_s,
+                              latency_s) if M > 1 else 0.0
+    return outer.round_seconds(speeds_M, schedule, step_time_s) + sync_s

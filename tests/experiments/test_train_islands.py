@@ -29,6 +29,8 @@ def _leaves(state):
     ("diloco", {}, 6),  # mid-H: two inner steps into the second round
     ("streaming_diloco", {"fragments": 2, "tau": 1, "quantization": "fp4"}, 6),  # fragment 0 sent, not applied
     ("sparseloco", {"topk_chunk": 256, "topk_k": 8}, 5),  # error feedback carried over
+    # islands of different speeds, the slowest spanning two rounds: its anchor and half-round carried over
+    ("diloco", {"speeds": (1, 1, .5, .25), "heterogeneity": "heterogeneous", "min_inner_steps": 2}, 6),
 ])
 def test_resume_mid_round_is_exact(tmp_path, method, outer, stop):
     c = island_config(method, **outer)
@@ -52,6 +54,13 @@ def test_accounting_in_metrics_and_summary(tmp_path):
     assert sent == sorted(sent) and sent[-1] == s["bytes_per_island"]
     assert any("outer/delta_norm" in r for r in rows)
 
+    # islands at speeds 1, 1, 0.5, 0.25 (H = 4: 4, 4, 2, 1 steps a round) train on fewer tokens
+    h = train(island_config("diloco", steps=12, step_seconds=(0.1, 0.1, 0.2, 0.4), heterogeneity="heterogeneous"),
+              tmp_path / "het", progress=False).summary
+    assert h["tokens"] == s["tokens"] * (4 + 4 + 2 + 1) // 16
+    assert h["island_schedule"]["steps_per_period"] == [4, 4, 2, 1]
+    assert h["bytes_per_island"] == s["bytes_per_island"]  # the same all-reduce every round
+
     d = train(island_config("ddp", steps=4), tmp_path / "ddp", progress=False).summary
     assert d["bytes_ratio_to_ddp"] == pytest.approx(1.0) and d["syncs"] == 4
 
@@ -64,6 +73,14 @@ def test_accounting_in_metrics_and_summary(tmp_path):
     ({"outer.method": "sparseloco", "outer.quantization": "fp4"}, "quantization"),
     ({"outer.method": "nope"}, "outer.method"),
     ({"outer.method": "none"}, "outer.method"),
+    ({"outer.heterogeneity": "heterogeneous"}, "needs island speeds"),
+    ({"outer.heterogeneity": "fastest"}, "outer.heterogeneity"),
+    ({"outer.speeds": (1.0, 0.5)}, "one per island"),
+    ({"outer.speeds": (1.0, 1.0, 0.0, 1.0)}, "positive"),
+    ({"outer.speeds": (1.0,) * 4, "outer.step_seconds": (1.0,) * 4}, "not both"),
+    ({"outer.speeds": (1.0, 1.0, 0.5, 0.5), "outer.heterogeneity": "heterogeneous", "outer.method": "noloco"},
+     "works with"),
+    ({"outer.min_inner_steps": 5}, "min_inner_steps"),
 ])
 def test_bad_outer_configs_name_the_field(tmp_path, change, message):
     c = island_config()

@@ -23,11 +23,11 @@ def tiny_model(num_layers=2, scan=False):
     return Transformer(TransformerConfig.from_dict(c.model))
 
 
-def make(method="diloco", mesh=None, model=None, **kw):
+def make(method="diloco", mesh=None, model=None, schedule=None, **kw):
     kw = {"H": 2, "lr": 0.7, "momentum": 0.9, **kw}
     mesh = mesh or mesh_lib.make_mesh({"island": 4, "data": 2})
     tr = islands.IslandTrainer(model or tiny_model(), optax.adamw(3e-3), outer.OuterSpec(method=method, **kw),
-                               mesh, SEQ)
+                               mesh, SEQ, schedule)
     return tr, tr.init(jax.random.key(0))
 
 
@@ -331,23 +331,68 @@ def test_wire_bytes_match_payloads():
     assert sp.wire[("sync", 0)].sent < tr.wire[("sync", 0)].sent / 30
 
 
-def test_heterogeneous_steps_weights_and_round_time_by_hand():
+def test_heterogeneous_schedule_weights_and_round_time_by_hand():
     speeds = [1.0, 1.0, 0.5, 0.25]
-    assert outer.inner_steps_per_round(speeds, 30, "wait_for_slowest") == [30, 30, 30, 30]
-    steps = outer.inner_steps_per_round(speeds, 30, "heterogeneous")
-    assert steps == [30, 30, 15, 7]
-    assert outer.inner_steps_per_round([2.0, 0.01], 10, "heterogeneous") == [10, 1]  # everyone contributes
+    wait = outer.island_schedule(speeds, 30, "wait_for_slowest")
+    assert wait.steps_M == (30,) * 4 and wait.uniform
+    het = outer.island_schedule(speeds, 30, "heterogeneous")
+    assert het.steps_M == (30, 30, 15, 7) and het.rounds_M == (1,) * 4
     # a round: the slowest island's time when everyone waits, the fastest's otherwise
-    assert outer.round_seconds(speeds, [30] * 4, 0.1) == pytest.approx(12.0)
-    assert outer.round_seconds(speeds, steps, 0.1) == pytest.approx(3.0)
+    assert outer.round_seconds(speeds, wait, 0.1) == pytest.approx(12.0)
+    assert outer.round_seconds(speeds, het, 0.1) == pytest.approx(3.0)
+    # steps are spread over the round: island 2 takes every other tick, all take their share by its end
+    assert [bool(het.active(t)[2]) for t in range(1, 7)] == [False, True, False, True, False, True]
+    assert list(het.steps_done(30)) == [30, 30, 15, 7] and list(het.steps_done(45)) == [45, 45, 22, 10]
     # weights ∝ tokens (steps × per-island batch): 30, 30, 15, 7 of 82
-    w = np.asarray(outer.contribution_weights([s * 256 for s in steps]))
-    np.testing.assert_allclose(w, np.array([30, 30, 15, 7]) / 82, rtol=1e-6)
-    # staleness: (1 + s)^-1 with the last island one round behind: 30, 30, 15, 3.5 of 78.5
-    w = np.asarray(outer.contribution_weights(steps, staleness_M=[0, 0, 0, 1], staleness_power=1.0))
-    np.testing.assert_allclose(w, np.array([30, 30, 15, 3.5]) / 78.5, rtol=1e-6)
+    np.testing.assert_allclose(het.weights(30), np.array([30, 30, 15, 7]) / 82, rtol=1e-6)
+    # an island fitting fewer than min_steps per round spans rounds and sends stale pseudo-gradients:
+    # 7.5 steps per round < 8, so 15 steps over 2 rounds, 1 round stale, weight (1 + 1)^-1 · 15
+    stale = outer.island_schedule(speeds, 30, "heterogeneous", min_steps=8, staleness_power=1.0)
+    assert stale.steps_M == (30, 30, 15, 15) and stale.rounds_M == (1, 1, 1, 2)
+    np.testing.assert_allclose(stale.weights(30), np.array([30, 30, 15, 0]) / 75, rtol=1e-6)
+    np.testing.assert_allclose(stale.weights(60), np.array([30, 30, 15, 7.5]) / 82.5, rtol=1e-6)
+    assert outer.round_seconds(speeds, stale, 0.1) == pytest.approx(3.0)
+    assert outer.island_schedule([2.0, 0.01], 10).steps_M == (10, 1)  # 1 step per 20 rounds, not a faked one
+    assert outer.island_schedule([2.0, 0.01], 10).rounds_M == (1, 20)
+    assert outer.speeds_from_step_seconds([0.2, 0.4, 0.8]) == pytest.approx([1.0, 0.5, 0.25])
     for bad in ([1.0, 0.0], []):
         with pytest.raises(ValueError, match="positive"):
-            outer.inner_steps_per_round(bad, 30)
+            outer.island_schedule(bad, 30)
     with pytest.raises(ValueError, match="heterogeneity mode"):
-        outer.inner_steps_per_round(speeds, 30, "fastest")
+        outer.island_schedule(speeds, 30, "fastest")
+
+
+def test_heterogeneous_islands_weight_their_pseudo_gradients_by_tokens_and_staleness():
+    """fedavg (outer lr 1, no momentum): the new outer params are φ − Σ w_i (anchor_i − θ_i), by hand."""
+    sched = outer.island_schedule([1, 1, .5, .25], 4, min_steps=2, staleness_power=1.0)
+    assert sched.steps_M == (4, 4, 2, 2) and sched.rounds_M == (1, 1, 1, 2)
+    tr, st = make("fedavg", H=4, lr=1.0, momentum=0.0, schedule=sched)
+    bs, seen = batches(tr, 8), {}
+    phi0 = host(st["outer"]["params"])
+    st = run(tr, st, bs, hook=lambda i, s: seen.__setitem__(i, (host(s["params"]), host(s["outer"]["params"]))))
+    leaves = lambda t: jax.tree.leaves(t)
+    # island 2 sits out tick 1 and island 3 ticks 1-3: their params are still φ0 then
+    for a, b in zip(leaves(seen[1][0]), leaves(phi0)):
+        np.testing.assert_array_equal(a[2:], b[2:])
+        assert not np.allclose(a[0], b[0])
+    for a, b in zip(leaves(seen[3][0]), leaves(phi0)):
+        np.testing.assert_array_equal(a[3], b[3])
+    # round 1 (tick 4): islands 0-2 send, weights 4:4:2 of 10; island 3 keeps training
+    w1 = np.array([.4, .4, .2, 0.0])
+    theta4, _ = seen[4]
+    phi1 = jax.tree.map(lambda p, t: p[0] - np.tensordot(w1, p - t, axes=1), phi0, theta4)
+    theta5, outer5 = seen[5]
+    for got, want in zip(leaves(outer5), leaves(phi1)):
+        np.testing.assert_allclose(got[0], want, rtol=2e-5, atol=2e-6)
+    # round 2 (tick 8): island 3 sends 2 steps against φ0, one round stale: w ∝ 4, 4, 2, 2/2
+    w2 = np.array([4, 4, 2, 1.0]) / 11
+    theta8, _ = seen[8]
+    anchors = jax.tree.map(lambda p1, p0: np.stack([p1] * 3 + [p0[3]]), phi1, phi0)
+    phi2 = jax.tree.map(lambda p, a, t: p - np.tensordot(w2, a - t, axes=1), phi1, anchors, theta8)
+    final = host(st["outer"]["params"])
+    for got, want in zip(leaves(final), leaves(phi2)):
+        np.testing.assert_allclose(got[0], want, rtol=2e-5, atol=2e-6)
+    # every island restarts from φ2 after it sent, and tokens count the steps actually taken
+    for got, want in zip(leaves(host(st["params"])), leaves(phi2)):
+        np.testing.assert_allclose(got, np.broadcast_to(want, got.shape), rtol=2e-5, atol=2e-6)
+    assert tr.tokens_at(8, 100) == (8 + 8 + 4 + 2) * 100 // 4
