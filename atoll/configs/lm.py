@@ -37,6 +37,17 @@ batch (each island gets batch_size / M), so every method sees the same tokens.
   bytes_per_island, ddp_bytes_per_island). The side-by-side study is
   python -m atoll.experiments.reproduce.low_communication --preset=ci --out=runs/lowcomm
 
+Islands of different speeds (diloco, fedavg): outer.speeds (relative step
+rates, one per island) or outer.step_seconds (measured), and
+outer.heterogeneity = wait_for_slowest (every island H steps a round) |
+heterogeneous (a round is H steps of the fastest island; the others take the
+steps that fit, and the outer mean weights them by tokens).
+  python -m atoll.experiments.train_lm --config=atoll/configs/lm.py:tiny --workdir=runs/het \
+      --config.mesh.island=4 --config.outer.method=diloco --config.outer.speeds="(1, 1, 0.5, 0.25)" \
+      --config.outer.heterogeneity=heterogeneous
+  The study in simulated wall-clock:
+  python -m atoll.experiments.reproduce.heterogeneous_islands --preset=ci --out=runs/hetero
+
 Any field can be overridden: --config.model.num_layers=8 --config.mesh.fsdp=2.
 Mesh axes (mesh.*) multiply to the device count; one may be -1 ("the rest").
 """

@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -56,3 +58,15 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def read_on_host(directory: str | Path, step: int, item: str = "state") -> Any:
+    """A saved state as numpy arrays in this process, with no mesh or devices
+    needed: for inspecting a run, or comparing two, from a notebook."""
+    path = Path(directory).absolute() / str(step) / item
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint item {path}")
+    reader = ocp.PyTreeCheckpointer()
+    tree = reader.metadata(path).item_metadata.tree
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return reader.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))

@@ -9,10 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
 from atoll.experiments import launch
-from atoll.parallel import distributed
+from atoll.parallel import checkpoint, distributed
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_DILOCO = [
@@ -109,6 +111,12 @@ def test_diloco_on_two_processes_matches_one_process(tmp_path):
     for a, b in zip(two_rows, one_rows):
         for x, y in zip(a[1:], b[1:]):
             assert (x is None) == (y is None) and (x is None or x == pytest.approx(y, rel=1e-4)), (a, b)
+    # and the same params: islands, inner optimizer and outer state, saved collectively by both processes
+    two = checkpoint.read_on_host(tmp_path / "two" / "checkpoints", 12)
+    one = checkpoint.read_on_host(tmp_path / "one" / "checkpoints", 12)
+    assert jax.tree.structure(two) == jax.tree.structure(one)
+    for a, b in zip(jax.tree.leaves(two), jax.tree.leaves(one)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     # process 0 alone writes: one row per logged step, one summary, and only [p0] reports
     assert "[p0] finished at step 12" in out and "[p1] finished" not in out
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["step"] == 12

@@ -1,4 +1,5 @@
-"""Flags every reproduction script takes, defined once.
+"""Flags every reproduction script takes, defined once, and the start-up of
+the ones that train.
 
 absl refuses a flag defined twice in one process, and tests and notebooks
 import several reproductions side by side; so `--preset`, `--out` and
@@ -8,8 +9,9 @@ import several reproductions side by side; so `--preset`, `--out` and
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from absl import flags
+from absl import flags, logging
 
 PRESETS = ("ci", "full")
 
@@ -25,3 +27,15 @@ def out_dir_or_exit() -> str:
         print("error: --out=DIR is required (where results.json, results.md and the plots go)", file=sys.stderr)
         sys.exit(2)
     return OUT.value
+
+
+def start_training_run(num_devices: int) -> Path:
+    """For scripts that train: XLA defaults, quiet orbax, `num_devices` host
+    devices on a CPU; returns --out (or exits with one clear message)."""
+    from atoll.parallel import runtime
+
+    runtime.apply_xla_defaults()
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    out = Path(out_dir_or_exit())
+    runtime.request_host_devices(num_devices)
+    return out

@@ -22,27 +22,15 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from atoll.experiments.reproduce import cli
+from atoll.experiments.reproduce import cli, runs
 
-# `ci` shrinks lm.py:tiny (D 64, 2 layers, 0.14M params, seq 64) so that
-# H = 30 gives 120 outer rounds in a CPU budget: DiLoCo's gap to DDP closes
-# with the number of outer rounds (20 rounds of the full tiny model: 19 %;
-# 80 rounds at batch 16: 5.1 %; 120 rounds at batch 32: 1.6 %), so rounds
-# matter more here than model size. Two layers make Streaming DiLoCo's two
-# fragments one layer each.
-PRESETS = {
-    "ci": {"variant": "tiny", "islands": 4, "steps": 3600, "batch_size": 32, "seq_len": 64, "eval_every": 600,
-           "eval_batches": 4, "warmup_steps": 100,
-           "model": {"d_model": 64, "num_layers": 2, "num_heads": 2, "num_kv_heads": 2, "head_dim": 32,
-                     "mlp_dim": 192}},
-    "full": {"variant": "small", "islands": 4, "steps": 6000, "batch_size": 64, "seq_len": 512, "eval_every": 500,
-             "eval_batches": 8, "warmup_steps": 250, "model": {}},
-}
+# Presets shared with the other island studies (see runs.py for why `ci` is this shape).
+# Two layers make Streaming DiLoCo's two fragments one layer each.
+PRESETS = runs.LM_PRESETS
 
 # (run name, outer overrides). Streaming uses P = 2 fragments: one layer each
 # at `ci` (with the embedding / the head), layers {0, 2, ...} and {1, 3, ...} at `full`.
@@ -60,20 +48,6 @@ RUNS = (
 PAPER_TABLE5_35M = {"ddp": 3.51, "diloco_H30": 3.54, "streaming_diloco_fp4_H30": 3.53}
 
 _ONLY = flags.DEFINE_list("only", None, "Run only these run names (default: all).")
-
-
-def run_config(preset: dict, outer_overrides: dict):
-    from atoll.configs import lm
-
-    c = lm.get_config(preset["variant"])
-    c.model.update(**preset["model"])
-    c.data.seq_len = preset["seq_len"]
-    c.train.update(steps=preset["steps"], batch_size=preset["batch_size"], eval_every=preset["eval_every"],
-                   eval_batches=preset["eval_batches"], warmup_steps=preset["warmup_steps"],
-                   checkpoint_every=preset["steps"], log_every=max(preset["eval_every"] // 5, 1))
-    c.mesh.update(island=preset["islands"], data=-1)
-    c.outer.update(**outer_overrides)
-    return c
 
 
 def result_row(name: str, overrides: dict, summary: dict, wall_s: float) -> dict:
@@ -168,16 +142,11 @@ def plot(out: Path, curves: dict[str, list[dict]]) -> Path:
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
     ax1.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "loss.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return runs.save_figure(fig, out / "loss.png")
 
 
 def reproduce(preset_name: str, out: str | Path, only=None, progress: bool = True) -> dict:
     from atoll.experiments import outputs
-    from atoll.experiments.train_lm import train
 
     preset = PRESETS[preset_name]
     out = Path(out).absolute()
@@ -187,18 +156,10 @@ def reproduce(preset_name: str, out: str | Path, only=None, progress: bool = Tru
         if only and name not in only:
             continue
         workdir = out / "runs" / name
-        row_path = workdir / "reproduce_row.json"
-        if row_path.exists():  # finished in an earlier invocation: keep its row (and its wall time)
-            row = json.loads(row_path.read_text())
-            print(f"== {name}: done earlier, val loss {row['final_val_loss']:.4f}", flush=True)
-        else:
-            print(f"== {name}: {overrides}", flush=True)
-            t0 = time.perf_counter()
-            summary = train(run_config(preset, overrides), workdir, progress=progress).summary
-            row = result_row(name, overrides, summary, time.perf_counter() - t0)
-            outputs.write_json(row_path, row)
-            print(f"   val loss {row['final_val_loss']:.4f}, {row['bytes_per_island']:.3g} bytes/island "
-                  f"({row['ratio_to_ddp']:.1f}x fewer than DDP), {row['wall_s']:.0f} s", flush=True)
+        row = runs.train_or_reuse(name, workdir, runs.lm_run_config(preset, overrides),
+                                  lambda summary, wall_s: result_row(name, overrides, summary, wall_s), progress)
+        print(f"   val loss {row['final_val_loss']:.4f}, {row['bytes_per_island']:.3g} bytes/island "
+              f"({row['ratio_to_ddp']:.1f}x fewer than DDP), {row['wall_s']:.0f} s", flush=True)
         rows.append(row)
         curves[name] = outputs.read_metrics(workdir)
     chk = checks(rows)
@@ -213,12 +174,7 @@ def reproduce(preset_name: str, out: str | Path, only=None, progress: bool = Tru
 
 def main(argv) -> None:
     del argv
-    from atoll.parallel import runtime
-
-    runtime.apply_xla_defaults()
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    out = Path(cli.out_dir_or_exit())
-    runtime.request_host_devices(PRESETS[cli.PRESET.value]["islands"])
+    out = cli.start_training_run(PRESETS[cli.PRESET.value]["islands"])
     if _ONLY.value and (unknown := sorted(set(_ONLY.value) - {name for name, _ in RUNS})):
         print(f"error: --only names unknown runs {unknown}; choose from {[name for name, _ in RUNS]}",
               file=sys.stderr)
