@@ -27,8 +27,9 @@ or below it. Writes DIR/results.json ({"runs": [{"mode", "final_val_loss",
 "sim_seconds_to_target", ...}]}), DIR/results.md and DIR/loss_vs_time.png.
 
 Presets: `ci` is the low_communication ci model (D 64, 2 layers, 0.14M
-params, seq 64, global batch 32) for 3600 ticks (120 rounds) on a 2-core
-CPU; `full` is lm.py:small (~25M params) for 6000 ticks, a GPU job.
+params, seq 64, global batch 32) for 3600 ticks (120 rounds): 8 min for the
+three runs on a 2-core CPU (docs/REPRODUCTIONS.md); `full` is lm.py:small
+(~25M params) for 6000 ticks, a GPU job.
 A rerun with the same --out keeps finished runs (delete DIR/runs/NAME to redo one).
 """
 
