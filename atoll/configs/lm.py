@@ -107,7 +107,9 @@ def base_config() -> ml_collections.ConfigDict:
     t.eval_every = 250
     t.eval_batches = 4
     t.checkpoint_every = 500
-    t.keep_checkpoints = 2
+    t.keep_checkpoints = 2      # the newest N steps stay on disk
+    t.keep_checkpoint_every = 0  # ... and every step divisible by this (0: none)
+    t.checkpoint_mode = "lazy"   # sync | async (orbax) | lazy (copy overlapped with the next steps)
 
     c.outer = outer_config()
 
@@ -252,7 +254,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     v.in_range(c, "data.val_fraction", 1e-4, 0.5)
     v.positive(c, "train.steps", "train.batch_size", "train.lr", "train.log_every",
                "train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints")
-    v.non_negative(c, "train.warmup_steps", "train.weight_decay", "train.grad_clip")
+    v.non_negative(c, "train.warmup_steps", "train.weight_decay", "train.grad_clip", "train.keep_checkpoint_every")
+    v.choice(c, "train.checkpoint_mode", ("sync", "async", "lazy"))
     v.in_range(c, "train.min_lr_ratio", 0.0, 1.0)
     v.in_range(c, "train.b1", 0.0, 0.99999)
     v.in_range(c, "train.b2", 0.0, 0.99999)

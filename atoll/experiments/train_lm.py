@@ -36,6 +36,13 @@ _CONFIG = config_flags.DEFINE_config_file("config", "atoll/configs/lm.py:tiny", 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs and checkpoints.")
 _STOP_AT = flags.DEFINE_integer("stop_at_step", None, "Save and stop at this step (the run resumes later).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+_RESTORE = flags.DEFINE_enum("restore", "latest", ["latest", "latest_valid"],
+                             "latest: resume from the newest checkpoint and stop if it is damaged; latest_valid: "
+                             "walk back to the newest intact one.")
+_FRESH_ISLANDS = flags.DEFINE_bool(
+    "restore_outer_into_fresh_islands", False,
+    "Resume a run with a different island count: every new island starts from the saved outer params "
+    "(inner and outer optimizer states start fresh).")
 
 # Fields that fix the shapes of the saved state: a workdir's checkpoints only fit these.
 _STATE_FIELDS = ("model", "outer")
@@ -132,6 +139,31 @@ class _Islands(islands.IslandTrainer):
         self.param_shardings = self.inner_shardings["params"]
 
 
+def _saved_island_count(workdir: Path) -> int | None:
+    path = workdir / "config.json"
+    if not path.exists() or not (workdir / "checkpoints").exists():
+        return None
+    return json.loads(path.read_text()).get("mesh", {}).get("island")
+
+
+def _resume(ckpt: checkpoint.Checkpointer, engine, restore: str, fresh_islands: bool):
+    """(step, state, extra) from the workdir's checkpoints, or None for a new run."""
+    if ckpt.latest_step() is None:
+        return None
+    if fresh_islands:
+        step = ckpt.latest_step()
+        saved = checkpoint.read_on_host(ckpt.directory, step)
+        state = engine.init_from_params(jax.tree.map(lambda x: x[0], saved["outer"]["params"]), step)
+        return step, state, checkpoint.read_extra(ckpt.directory, step)
+    if restore == "latest_valid":
+        found = ckpt.restore_latest_valid(engine.abstract_state(), log=lambda m: print(m, file=sys.stderr))
+        if found is None:
+            raise checkpoint.CheckpointError(f"no intact checkpoint in {ckpt.directory}")
+        return found
+    step = ckpt.latest_step()
+    return (step, *ckpt.restore(step, engine.abstract_state()))
+
+
 def _island_fields(loss, ledger: islands.CommLedger | None, tokens: int) -> dict:
     """The per-island spread of the loss (islands train apart) and the bytes so far."""
     out = {}
@@ -151,13 +183,22 @@ class RunResult:
 
 def train(
     config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at_step: int | None = None,
-    progress: bool = True,
+    progress: bool = True, restore: str = "latest", fresh_islands: bool = False,
 ) -> RunResult:
-    """Trains (or resumes) the run in `workdir`."""
+    """Trains (or resumes) the run in `workdir`. restore: "latest" (stop on a
+    damaged checkpoint) or "latest_valid" (fall back to the newest intact one);
+    fresh_islands: resume a run saved with another island count (see below)."""
     lm_config.validate(config)
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     _check_workdir_config(workdir, config)
+    saved_islands = _saved_island_count(workdir) if config.outer.method not in ("none", "ddp") else None
+    if saved_islands not in (None, config.mesh.island) and not fresh_islands:
+        raise ConfigError(
+            f"{workdir} holds a run with config.mesh.island = {saved_islands}; this run asks for "
+            f"{config.mesh.island}. Islands carry their own params and optimizer states, so they cannot be "
+            "split or merged; pass --restore_outer_into_fresh_islands to start the new islands from the saved "
+            "outer params, or choose a new --workdir")
     mesh = mesh_lib.make_mesh(dict(config.mesh))
     _check_against_mesh(config, mesh)
 
@@ -176,19 +217,34 @@ def train(
     island_plan = lm_config.island_schedule(config)
     engine = (_Replicated(model, tx, mesh, seq_len) if spec is None
               else _Islands(model, tx, mesh, seq_len, spec, island_plan))
-    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
-    latest = ckpt.latest_step()
-    if latest is not None:
+    make_ckpt = lambda: checkpoint.Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints,
+                                                keep_every=t.keep_checkpoint_every, mode=t.checkpoint_mode)
+    ckpt = make_ckpt()
+    regroup = fresh_islands and saved_islands not in (None, config.mesh.island)
+    resumed = _resume(ckpt, engine, restore, regroup)
+    if regroup:  # the old islands' checkpoints move aside (kept); the new islands start saving at once
+        ckpt.close()
+        aside = workdir / f"checkpoints.island{saved_islands}"
+        if outputs.is_writer():
+            (workdir / "checkpoints").rename(aside)
+            print(f"{saved_islands} islands' checkpoints kept in {aside}; {config.mesh.island} fresh islands "
+                  f"start from their outer params at step {resumed[0]}", flush=True)
+        distributed.barrier("atoll_regroup")
+        ckpt = make_ckpt()
+        ckpt.save(resumed[0], resumed[1], dict(resumed[2], config=json.loads(config.to_json_best_effort())))
+        ckpt.wait()
+    if resumed is not None:
+        latest, state, extra = resumed
         if outputs.is_writer():
             print(f"resuming {workdir.name} from its checkpoint at step {latest}", flush=True)
-        state, extra = ckpt.restore(latest, engine.abstract_state())
         data.restore(extra["data"])
         ledger = islands.CommLedger.from_dict(extra.get("comm"))
         outputs.truncate_metrics(workdir, latest)
     else:
         state = engine.init(jax.random.key(config.seed))
         ledger = islands.CommLedger()
-    outputs.write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
+    config_json = json.loads(config.to_json_best_effort())
+    outputs.write_json(workdir / "config.json", config_json)
 
     step_fn = engine.step_fn
     eval_fn = train_state.make_eval_step(model, mesh, engine.param_shardings)
@@ -213,6 +269,7 @@ def train(
     while step < end:
         state, metrics = step_fn(state, engine.put_batch(next(data)))
         step += 1
+        ckpt.check()  # a failed background save stops the run here
         state, sync_metrics, wire = engine.after_step(state, step)
         if one_in_flight:
             jax.block_until_ready(metrics)
@@ -246,7 +303,7 @@ def train(
         if row:
             writer.write(step, row)
         if step % t.checkpoint_every == 0 or step == end:
-            ckpt.save(step, state, {"data": data.state(), "comm": ledger.to_dict()})
+            ckpt.save(step, state, {"data": data.state(), "comm": ledger.to_dict(), "config": config_json})
     bar.close()
     ckpt.wait()
     ckpt.close()
@@ -312,8 +369,8 @@ def main(argv) -> None:
         fixed = [int(n) for n in _CONFIG.value.mesh.values() if int(n) > 0]
         runtime.request_host_devices(int(np.prod(fixed)) if fixed else 1)
     try:
-        summary = train(_CONFIG.value, _WORKDIR.value, stop_at_step=_STOP_AT.value,
-                        progress=_PROGRESS.value).summary
+        summary = train(_CONFIG.value, _WORKDIR.value, stop_at_step=_STOP_AT.value, progress=_PROGRESS.value,
+                        restore=_RESTORE.value, fresh_islands=_FRESH_ISLANDS.value).summary
     except (ConfigError, mesh_lib.MeshError, text.DataError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -97,3 +97,11 @@ def initialize(spec: ProcessSpec | None = None, *, heartbeat_timeout_s: int = HE
         initialization_timeout=INITIALIZATION_TIMEOUT_S, heartbeat_timeout_seconds=heartbeat_timeout_s,
         shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S)
     return True
+
+
+def barrier(name: str) -> None:
+    """Every process reaches this point before any goes on (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -173,6 +173,19 @@ class IslandTrainer:
         with train_state.mesh_context(self.mesh):
             return build(single)
 
+    def init_from_params(self, params: Any, step: int) -> State:
+        """Fresh islands (new inner and outer optimizer states) that all start
+        from one replica's `params` (numpy or jax arrays) at `step`: how a run
+        continues with a different island count."""
+        single = train_state.init_state(self.model, self.tx, self.mesh, self.seq_len, jax.random.key(0),
+                                        self.inner_shardings)
+        put = lambda x, sh: jax.make_array_from_callback(np.shape(x), sh, lambda idx: np.asarray(x)[idx])
+        single = dict(single, params=jax.tree.map(put, params, self.inner_shardings["params"]),
+                      step=put(np.int32(step), self.inner_shardings["step"]))
+        build = jax.jit(self._build, out_shardings=self.shardings, donate_argnums=(0,))
+        with train_state.mesh_context(self.mesh):
+            return build(single)
+
     # ------------------------------------------------------------ inner step
 
     def batch_sharding(self) -> NamedSharding:

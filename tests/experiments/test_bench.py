@@ -30,3 +30,23 @@ def test_lm_step_prints_the_contract_and_the_baseline_ratio():
 def test_xla_defaults_never_override_the_user():
     assert xla_flags_with_defaults("", {"a": "1"}) == "--a=1"
     assert xla_flags_with_defaults("--a=0 --b=2", {"a": "1", "c": "3"}) == "--a=0 --b=2 --c=3"
+
+
+def test_checkpoint_bench_prints_every_mode_and_the_summary(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run(
+        [sys.executable, "-m", "atoll.experiments.bench.checkpoint", "--config=atoll/configs/lm.py:tiny",
+         "--saves=2", "--save_every=2", "--config.train.batch_size=8", "--config.model.num_layers=1",
+         "--config.data.seq_len=32", f"--dir={tmp_path}"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [r.get("mode") for r in rows[:4]] == ["none", "sync", "async", "lazy"]
+    by = {r["mode"]: r for r in rows[:4]}
+    assert by["none"]["saves"] == 0 and all(by[m]["saves"] == 2 for m in ("sync", "async", "lazy"))
+    last = rows[-1]
+    assert {"stall_ratio_async_vs_sync", "stall_ratio_lazy_vs_sync", "throughput_ratio_save_every_10",
+            "device"} <= set(last)
+    assert last["stall_ratio_lazy_vs_sync"] == by["lazy"]["stall_median_s"] / by["sync"]["stall_median_s"]
+    assert last["throughput_ratio_save_every_10"] == by["lazy"]["steps_per_sec"] / by["none"]["steps_per_sec"]
+    assert not any(tmp_path.iterdir())  # the checkpoints were removed

@@ -8,6 +8,7 @@ from atoll.configs import lm
 from atoll.configs.validation import ConfigError
 from atoll.experiments import outputs
 from atoll.experiments.train_lm import train
+from atoll.parallel import checkpoint
 
 
 def island_config(method="diloco", steps=12, **outer):
@@ -90,3 +91,20 @@ def test_bad_outer_configs_name_the_field(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):
         train(c, tmp_path / "bad", progress=False)
     assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_another_island_count_is_refused_unless_fresh_islands_from_the_outer_params(tmp_path):
+    c = island_config("diloco", steps=8)
+    train(c, tmp_path / "run", stop_at_step=4, progress=False)
+    saved = checkpoint.read_on_host(tmp_path / "run" / "checkpoints", 4)
+    c.mesh.update(island=2, data=4)
+    with pytest.raises(ConfigError, match="config.mesh.island = 4.*restore_outer_into_fresh_islands"):
+        train(c, tmp_path / "run", progress=False)
+    # two fresh islands, both starting from island 0's saved outer params, with fresh optimizer states
+    fresh = train(c, tmp_path / "run", stop_at_step=4, progress=False, fresh_islands=True).state
+    for got, want in zip(_leaves(fresh["params"]), jax.tree.leaves(saved["outer"]["params"])):
+        assert got.shape[0] == 2
+        np.testing.assert_array_equal(got, np.broadcast_to(want[0], got.shape))
+    moments = [x for p, x in jax.tree_util.tree_leaves_with_path(fresh["opt_state"]) if ".mu" in jax.tree_util.keystr(p)]
+    assert moments and all(np.all(np.asarray(m) == 0) for m in moments)
+    assert train(c, tmp_path / "run", progress=False).summary["step"] == 8  # and it trains on as 2 islands

@@ -11,6 +11,7 @@ from atoll.configs import lm
 from atoll.configs.validation import ConfigError
 from atoll.experiments import outputs
 from atoll.experiments.train_lm import train
+from atoll.parallel import checkpoint
 
 
 def small_config(**train_overrides):
@@ -127,3 +128,18 @@ def test_every_variant_validates():
         lm.validate(lm.get_config(variant))
     with pytest.raises(ValueError, match="unknown lm config variant"):
         lm.get_config("huge")
+
+
+def test_a_damaged_latest_checkpoint_stops_the_run_unless_latest_valid(tmp_path):
+    c = small_config(steps=15, keep_checkpoints=3)
+    train(c, tmp_path / "run", stop_at_step=10, progress=False)  # checkpoints at 5 and 10
+    for f in (tmp_path / "run" / "checkpoints" / "10" / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":  # the array data files
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(checkpoint.CheckpointError, match=r"step 10 .* damaged.*latest_valid"):
+        train(c, tmp_path / "run", progress=False)
+    result = train(c, tmp_path / "run", progress=False, restore="latest_valid")
+    assert result.summary["step"] == 15 and result.summary["finished"]
+    steps = [r["step"] for r in outputs.read_metrics(tmp_path / "run")]
+    assert steps == sorted(set(steps)) and steps[-1] == 15
+    assert (tmp_path / "run" / "checkpoints" / "10.damaged").is_dir()  # set aside, not deleted

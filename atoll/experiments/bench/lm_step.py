@@ -35,6 +35,7 @@ from ml_collections import config_flags
 from atoll.configs import lm as lm_config
 from atoll.core import flops, optim
 from atoll.core.transformer import Transformer, TransformerConfig, count_params
+from atoll.experiments.bench.batches import random_batches
 from atoll.experiments.bench.plain_lm import make_plain_step
 from atoll.parallel import mesh as mesh_lib, runtime, sharding, train_state
 
@@ -58,15 +59,6 @@ def time_steps(step, state, batches, warmup: int, steps: int) -> tuple[list[floa
         jax.block_until_ready(out)
         times.append(time.perf_counter() - t0)
     return times, state
-
-
-def _random_batches(n: int, batch: int, seq_len: int, vocab: int, sharding_=None):
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(n):
-        b = rng.integers(0, vocab, size=(batch, seq_len + 1), dtype=np.int32)
-        out.append(jax.device_put(b, sharding_) if sharding_ is not None else jax.device_put(b))
-    return out
 
 
 def _row_factory(config):
@@ -107,7 +99,7 @@ def measure_plain(config, steps: int, warmup: int, name: str = "plain_flax") -> 
     lm_config.validate(config)
     c = TransformerConfig.from_dict(config.model)
     state, step = make_plain_step(c, config.data.seq_len, lr=config.train.lr)
-    batches = _random_batches(2, config.train.batch_size, config.data.seq_len, c.vocab_size)
+    batches = random_batches(2, config.train.batch_size, config.data.seq_len, c.vocab_size)
     times, compile_s = _compile_and_time(step, state, batches, warmup, steps)
     return _row_factory(config)(name, times, compile_s)
 
@@ -123,7 +115,7 @@ def measure_atoll(config, steps: int, warmup: int) -> dict:
     if count_params(state["params"]) != flops.total_params(c):
         raise AssertionError("atoll.core.flops disagrees with the model's parameter count")
     step = train_state.make_train_step(model, tx, mesh, config.data.seq_len)
-    batches = _random_batches(2, t.batch_size, config.data.seq_len, c.vocab_size, sharding.batch_sharding(mesh))
+    batches = random_batches(2, t.batch_size, config.data.seq_len, c.vocab_size, sharding.batch_sharding(mesh))
     times, compile_s = _compile_and_time(step, state, batches, warmup, steps)
     return _row_factory(config)("atoll", times, compile_s)
 
