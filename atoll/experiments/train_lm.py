@@ -220,6 +220,9 @@ def train(
     make_ckpt = lambda: checkpoint.Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints,
                                                 keep_every=t.keep_checkpoint_every, mode=t.checkpoint_mode)
     ckpt = make_ckpt()
+    if ckpt.mode != t.checkpoint_mode and outputs.is_writer():
+        print(f"checkpoints: {t.checkpoint_mode} saves are single-process for now; this run uses {ckpt.mode}",
+              flush=True)
     regroup = fresh_islands and saved_islands not in (None, config.mesh.island)
     resumed = _resume(ckpt, engine, restore, regroup)
     if regroup:  # the old islands' checkpoints move aside (kept); the new islands start saving at once

@@ -19,6 +19,8 @@ Save modes (`mode=`):
            it. The copy reads the buffers before any later (donating) step
            may reuse them: the runtime orders the copy's reads before the
            next step's writes, and the snapshot owns its own host buffers.
+           Single-process only for now: with several processes it falls back
+           to async (see __init__), and `mode` says which one runs.
 
 One save is in flight at a time: the next save (or `wait`) waits for the
 previous one and raises its error, so a failed background save stops the
@@ -149,6 +151,12 @@ class Checkpointer:
         if keep < 1 or keep_every < 0:
             raise ValueError(f"keep must be >= 1 and keep_every >= 0 (got {keep}, {keep_every})")
         self.directory = Path(directory).absolute()
+        if mode == "lazy" and jax.process_count() > 1:
+            # orbax's sync save, run from a side thread, takes cross-process
+            # barriers while the main thread runs the step's collectives: the
+            # two interleave differently on each process and deadlock (seen
+            # with 2 processes on gloo). Orbax's async path is built for this.
+            mode = "async"
         self.mode = mode
         pp = ocp.checkpoint_managers
         policy = pp.LatestN(keep)

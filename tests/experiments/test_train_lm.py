@@ -109,6 +109,23 @@ def test_cli_trains_and_reports(tmp_path):
     assert "bits per byte" in out.stdout and "unigram bar" in out.stdout
 
 
+def test_a_new_process_resumes_to_the_same_params(tmp_path):
+    """4 steps straight == 2 steps, exit, a new process restores and trains 2 more (lazy saves)."""
+    config = os.path.join(os.getcwd(), "atoll/configs/lm.py:tiny")
+    common = (f"--config={config}", "--config.train.steps=4", "--config.train.checkpoint_every=2",
+              "--config.model.num_layers=1", "--config.data.seq_len=32", "--config.train.eval_batches=1",
+              "--config.train.batch_size=8", "--progress=false")
+    for args in ((f"--workdir={tmp_path}/straight",), (f"--workdir={tmp_path}/split", "--stop_at_step=2"),
+                 (f"--workdir={tmp_path}/split",)):
+        out = _cli(*common, *args, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-2000:]
+    assert "resuming split from its checkpoint at step 2" in out.stdout
+    a = checkpoint.read_on_host(tmp_path / "straight" / "checkpoints", 4)
+    b = checkpoint.read_on_host(tmp_path / "split" / "checkpoints", 4)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("model.remat", "sometimes", "config.model.remat = 'sometimes' is not allowed"),
     ("model.num_kv_heads", 3, "config.model.num_kv_heads = 3 must divide config.model.num_heads = 4"),
