@@ -164,6 +164,24 @@ def _resume(ckpt: checkpoint.Checkpointer, engine, restore: str, fresh_islands: 
     return (step, *ckpt.restore(step, engine.abstract_state()))
 
 
+def _restart_checkpoints(workdir: Path, ckpt, make_ckpt, resumed, saved_islands: int, config_json: dict):
+    """After regrouping into another island count: the old islands' checkpoints
+    move aside (kept), and the new islands' state is saved at once."""
+    ckpt.close()
+    aside = workdir / f"checkpoints.island{saved_islands}"
+    step, state, extra = resumed
+    if outputs.is_writer():
+        (workdir / "checkpoints").rename(aside)
+        print(f"the {saved_islands} islands' checkpoints are kept in {aside}; "
+              f"{config_json['mesh']['island']} fresh islands start from their outer params at step {step}",
+              flush=True)
+    distributed.barrier("atoll_regroup")
+    ckpt = make_ckpt()
+    ckpt.save(step, state, dict(extra, config=config_json))
+    ckpt.wait()
+    return ckpt
+
+
 def _island_fields(loss, ledger: islands.CommLedger | None, tokens: int) -> dict:
     """The per-island spread of the loss (islands train apart) and the bytes so far."""
     out = {}
@@ -223,19 +241,11 @@ def train(
     if ckpt.mode != t.checkpoint_mode and outputs.is_writer():
         print(f"checkpoints: {t.checkpoint_mode} saves are single-process for now; this run uses {ckpt.mode}",
               flush=True)
+    config_json = json.loads(config.to_json_best_effort())
     regroup = fresh_islands and saved_islands not in (None, config.mesh.island)
     resumed = _resume(ckpt, engine, restore, regroup)
-    if regroup:  # the old islands' checkpoints move aside (kept); the new islands start saving at once
-        ckpt.close()
-        aside = workdir / f"checkpoints.island{saved_islands}"
-        if outputs.is_writer():
-            (workdir / "checkpoints").rename(aside)
-            print(f"{saved_islands} islands' checkpoints kept in {aside}; {config.mesh.island} fresh islands "
-                  f"start from their outer params at step {resumed[0]}", flush=True)
-        distributed.barrier("atoll_regroup")
-        ckpt = make_ckpt()
-        ckpt.save(resumed[0], resumed[1], dict(resumed[2], config=json.loads(config.to_json_best_effort())))
-        ckpt.wait()
+    if regroup:
+        ckpt = _restart_checkpoints(workdir, ckpt, make_ckpt, resumed, saved_islands, config_json)
     if resumed is not None:
         latest, state, extra = resumed
         if outputs.is_writer():
@@ -246,7 +256,6 @@ def train(
     else:
         state = engine.init(jax.random.key(config.seed))
         ledger = islands.CommLedger()
-    config_json = json.loads(config.to_json_best_effort())
     outputs.write_json(workdir / "config.json", config_json)
 
     step_fn = engine.step_fn

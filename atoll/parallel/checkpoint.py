@@ -109,10 +109,10 @@ def _to_dict(values: Any) -> dict[str, int]:
 
 
 def _host_sharding(s: jax.sharding.Sharding) -> jax.sharding.Sharding:
-    try:
-        return s.with_memory_kind("pinned_host")
-    except (ValueError, AttributeError):
-        return s
+    """`s` in pinned host memory, or `s` itself where the devices have none."""
+    device = next(iter(s.device_set))
+    kinds = {m.kind for m in device.addressable_memories()} if hasattr(device, "addressable_memories") else set()
+    return s.with_memory_kind("pinned_host") if "pinned_host" in kinds else s
 
 
 _device_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))  # outputs never alias (undonated) inputs
@@ -133,7 +133,7 @@ def snapshot(state: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class SaveTiming:
-    """What one save cost the loop (`stall_s`) and when it was fully on disk."""
+    """What one save cost the loop: seconds spent inside `save`."""
     step: int
     stall_s: float
 

@@ -48,12 +48,17 @@ def assert_bit_exact(a, b):
         np.testing.assert_array_equal(np.atleast_1d(x).view(np.uint8), np.atleast_1d(y).view(np.uint8))
 
 
-@pytest.mark.parametrize("mode", checkpoint.SAVE_MODES)
-def test_island_state_round_trip_is_bit_exact(tmp_path, mode):
-    """Every leaf: islands' params and AdamW moments, outer params, momentum, in-flight Δ, step."""
+@pytest.fixture(scope="module")
+def island_trainer():
     mesh = mesh_lib.make_mesh({"island": 4, "data": 2})
     spec = outer.OuterSpec(method="streaming_diloco", H=4, lr=0.4, momentum=0.9, fragments=2, tau=1)
-    tr = islands.IslandTrainer(tiny_model(), optax.adamw(3e-3), spec, mesh, SEQ)
+    return islands.IslandTrainer(tiny_model(), optax.adamw(3e-3), spec, mesh, SEQ)  # compiled once, used per mode
+
+
+@pytest.mark.parametrize("mode", checkpoint.SAVE_MODES)
+def test_island_state_round_trip_is_bit_exact(tmp_path, mode, island_trainer):
+    """Every leaf: islands' params and AdamW moments, outer params, momentum, in-flight Δ, step."""
+    tr = island_trainer
     state = tr.init(jax.random.key(1))
     rng = np.random.default_rng(0)
     for i in range(1, 4):  # islands apart, a fragment sent and in flight

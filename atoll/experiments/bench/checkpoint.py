@@ -29,11 +29,9 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from atoll.configs import lm as lm_config
-from atoll.core import optim
-from atoll.core.transformer import Transformer, TransformerConfig, count_params
-from atoll.experiments.bench.batches import random_batches
-from atoll.parallel import checkpoint, mesh as mesh_lib, runtime, sharding, train_state
+from atoll.core.transformer import count_params
+from atoll.experiments.bench.lm_setup import lm_train_setup
+from atoll.parallel import checkpoint, runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", "atoll/configs/lm.py:small", "LM config file[:variant].")
 _SAVES = flags.DEFINE_integer("saves", 5, "Saves timed per mode.")
@@ -90,14 +88,7 @@ def main(argv) -> None:
     runtime.apply_xla_defaults()
     logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
-    lm_config.validate(config)
-    c, t = TransformerConfig.from_dict(config.model), config.train
-    mesh = mesh_lib.make_mesh(dict(config.mesh))
-    model = Transformer(c)
-    tx, _ = optim.adamw_from_config(t)
-    state = train_state.init_state(model, tx, mesh, config.data.seq_len, jax.random.key(0))
-    step = train_state.make_train_step(model, tx, mesh, config.data.seq_len)
-    batches = random_batches(2, t.batch_size, config.data.seq_len, c.vocab_size, sharding.batch_sharding(mesh))
+    state, step, batches, _ = lm_train_setup(config)
     for i in range(3):  # compile and warm up
         state, out = step(state, batches[i % 2])
     jax.block_until_ready(out)

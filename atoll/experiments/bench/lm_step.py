@@ -28,16 +28,15 @@ import sys
 import time
 
 import jax
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 from atoll.configs import lm as lm_config
-from atoll.core import flops, optim
-from atoll.core.transformer import Transformer, TransformerConfig, count_params
-from atoll.experiments.bench.batches import random_batches
+from atoll.core import flops
+from atoll.core.transformer import TransformerConfig, count_params
+from atoll.experiments.bench.lm_setup import lm_train_setup, random_batches
 from atoll.experiments.bench.plain_lm import make_plain_step
-from atoll.parallel import mesh as mesh_lib, runtime, sharding, train_state
+from atoll.parallel import runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", "atoll/configs/lm.py:tiny", "LM config file[:variant].")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
@@ -106,16 +105,9 @@ def measure_plain(config, steps: int, warmup: int, name: str = "plain_flax") -> 
 
 def measure_atoll(config, steps: int, warmup: int) -> dict:
     """atoll's train step, built exactly as train_lm builds it."""
-    lm_config.validate(config)
-    c, t = TransformerConfig.from_dict(config.model), config.train
-    mesh = mesh_lib.make_mesh(dict(config.mesh))
-    model = Transformer(c)
-    tx, _ = optim.adamw_from_config(t)
-    state = train_state.init_state(model, tx, mesh, config.data.seq_len, jax.random.key(0))
+    state, step, batches, c = lm_train_setup(config)
     if count_params(state["params"]) != flops.total_params(c):
         raise AssertionError("atoll.core.flops disagrees with the model's parameter count")
-    step = train_state.make_train_step(model, tx, mesh, config.data.seq_len)
-    batches = random_batches(2, t.batch_size, config.data.seq_len, c.vocab_size, sharding.batch_sharding(mesh))
     times, compile_s = _compile_and_time(step, state, batches, warmup, steps)
     return _row_factory(config)("atoll", times, compile_s)
 
