@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 METHODS = ("diloco", "fedavg", "streaming_diloco", "noloco", "co2", "async_diloco", "edit", "sparseloco")
@@ -196,7 +197,6 @@ class IslandSchedule:
         return all(k == self.H for k in self.steps_M) and all(r == 1 for r in self.rounds_M)
 
     def _period(self):
-        import numpy as np
         return np.asarray(self.steps_M), np.asarray(self.rounds_M) * self.H
 
     def active(self, step):
@@ -213,7 +213,6 @@ class IslandSchedule:
     def weights(self, step):
         """[M] weights of the islands' pseudo-gradients in the outer step after
         tick `step` (a multiple of H); 0 for islands not sending this round."""
-        import numpy as np
         k, r = np.asarray(self.steps_M, np.float32), np.asarray(self.rounds_M)
         sending = (step // self.H) % r == 0
         w_M = sending * k * (1.0 + (r - 1).astype(np.float32)) ** np.float32(-self.staleness_power)
@@ -441,8 +440,6 @@ def events_at(step: int, spec: OuterSpec) -> list[Event]:
 def noloco_partners(num_islands: int, seed: int, round_index: int) -> tuple[int, ...]:
     """partner[i] for NoLoCo's round: a random perfect matching from a shared
     seed (every island draws the same one without talking)."""
-    import numpy as np
-
     if num_islands % 2:
         raise ValueError(f"NoLoCo pairs islands: the island count ({num_islands}) must be even")
     order = np.random.default_rng([seed, round_index]).permutation(num_islands)

@@ -40,7 +40,6 @@ depend on the sharding).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import threading
 import time
@@ -131,13 +130,6 @@ def snapshot(state: Any) -> Any:
 # ---------------------------------------------------------------- the checkpointer
 
 
-@dataclasses.dataclass(frozen=True)
-class SaveTiming:
-    """What one save cost the loop: seconds spent inside `save`."""
-    step: int
-    stall_s: float
-
-
 class Checkpointer:
     """Saves and restores the whole train state under `directory`.
 
@@ -169,7 +161,6 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._error_step: int | None = None
-        self.timings: list[SaveTiming] = []
 
     # ------------------------------------------------------------------ save
 
@@ -198,9 +189,7 @@ class Checkpointer:
                 self._write(step, state, prints, extra)
             except Exception as e:
                 raise CheckpointError(f"saving checkpoint step {step} in {self.directory} failed: {e}") from e
-        stall = time.perf_counter() - t0
-        self.timings.append(SaveTiming(step, stall))
-        return stall
+        return time.perf_counter() - t0
 
     def _write(self, step: int, state: Any, prints: dict, extra: dict) -> None:
         self._manager.save(step, args=ocp.args.Composite(

@@ -169,6 +169,9 @@ class IslandTrainer:
 
     def init(self, rng: jax.Array) -> State:
         single = train_state.init_state(self.model, self.tx, self.mesh, self.seq_len, rng, self.inner_shardings)
+        return self._islands_from(single)
+
+    def _islands_from(self, single: State) -> State:
         build = jax.jit(self._build, out_shardings=self.shardings, donate_argnums=(0,))
         with train_state.mesh_context(self.mesh):
             return build(single)
@@ -182,9 +185,7 @@ class IslandTrainer:
         put = lambda x, sh: jax.make_array_from_callback(np.shape(x), sh, lambda idx: np.asarray(x)[idx])
         single = dict(single, params=jax.tree.map(put, params, self.inner_shardings["params"]),
                       step=put(np.int32(step), self.inner_shardings["step"]))
-        build = jax.jit(self._build, out_shardings=self.shardings, donate_argnums=(0,))
-        with train_state.mesh_context(self.mesh):
-            return build(single)
+        return self._islands_from(single)
 
     # ------------------------------------------------------------ inner step
 
