@@ -48,6 +48,18 @@ steps that fit, and the outer mean weights them by tokens).
   The study in simulated wall-clock:
   python -m atoll.experiments.reproduce.heterogeneous_islands --preset=ci --out=runs/hetero
 
+Mixture of experts (config.model.moe; core/moe.py): num_experts > 0 turns the
+FFN of every moe.every-th block into an MoE layer. Routers softmax_topk |
+topk_softmax | expert_choice; dispatch capacity | dropless; Switch,
+per-sequence and z losses with weights; bias_rate for DeepSeek-V3's
+aux-loss-free balancing; mesh.expert shards the experts (all-to-all).
+  python -m atoll.experiments.train_lm --config=atoll/configs/lm.py:tiny --workdir=runs/moe \
+      --config.model.moe.num_experts=8 --config.model.moe.top_k=2 --config.model.moe.expert_mlp_dim=192
+  (8 experts of width 192, two per token: the tiny model's active FFN width,
+  384, with 4x its FFN parameters.) Routing metrics per MoE layer go to
+  metrics.jsonl (moe/L<i>/...); the study is
+  python -m atoll.experiments.reproduce.moe_routing --preset=ci --out=runs/moe_routing
+
 Any field can be overridden: --config.model.num_layers=8 --config.mesh.fsdp=2.
 Mesh axes (mesh.*) multiply to the device count; one may be -1 ("the rest").
 """
@@ -84,6 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.scan_layers = True
     m.remat = "none"
     m.init_std = 0.02
+    m.moe = moe_config()
 
     c.data = ml_collections.ConfigDict()
     c.data.path = ""  # "" = embedded corpus (the running Python's stdlib sources)
@@ -170,6 +183,25 @@ def outer_config() -> ml_collections.ConfigDict:
 
 
 HETEROGENEOUS_METHODS = ("diloco", "fedavg")
+
+
+def moe_config() -> ml_collections.ConfigDict:
+    """config.model.moe: num_experts = 0 keeps every FFN dense (core/moe.py has the math)."""
+    e = ml_collections.ConfigDict()
+    e.num_experts = 0          # E
+    e.top_k = 2                # experts per token (expert_choice: on average)
+    e.every = 1                # the FFN of every `every`-th block is MoE
+    e.router = "topk_softmax"  # softmax_topk | topk_softmax | expert_choice
+    e.dispatch = "capacity"    # capacity (drops overflow) | dropless (grouped matmul; token choice)
+    e.capacity_factor = 1.25
+    e.expert_mlp_dim = 0       # F per expert; 0: model.mlp_dim
+    e.num_shared_experts = 0
+    e.load_balance_weight = 0.01      # Switch loss
+    e.sequence_balance_weight = 0.0   # per-sequence (expert-level) balance loss
+    e.z_loss_weight = 1e-3            # router z-loss
+    e.bias_rate = 0.0                 # aux-loss-free bias balancing (DeepSeek-V3: 1e-3); 0: off
+    e.grouped_matmul_impl = ml_collections.FieldReference(None, field_type=str)
+    return e
 
 
 def island_speeds(c: ml_collections.ConfigDict) -> list[float] | None:
@@ -263,6 +295,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         if not isinstance(size, int) or size == 0 or size < -1:
             raise v.ConfigError(f"config.mesh.{axis} = {size!r} must be a positive int or -1")
     _validate_outer(c)
+    _validate_moe(c)
     tensor = c.mesh.tensor
     if tensor > 1:
         for field in ("num_heads", "num_kv_heads", "mlp_dim", "vocab_size"):
@@ -315,6 +348,50 @@ def _validate_outer(c: ml_collections.ConfigDict) -> None:
     if c.train.batch_size % islands:
         raise v.ConfigError(f"config.train.batch_size = {c.train.batch_size} must be divisible by "
                             f"config.mesh.island = {islands} (each island trains on its share)")
+
+
+def _validate_moe(c: ml_collections.ConfigDict) -> None:
+    from atoll.core.moe import DISPATCHES, ROUTERS
+    from atoll.kernels.grouped_matmul import IMPLEMENTATIONS
+
+    e = c.model.moe
+    v.non_negative(c, "model.moe.num_experts")
+    if not isinstance(e.num_experts, int):
+        raise v.ConfigError(f"config.model.moe.num_experts = {e.num_experts!r} must be an int (0: dense)")
+    expert_axis = c.mesh.expert
+    if e.num_experts == 0:
+        if expert_axis not in (1, -1):
+            raise v.ConfigError(f"config.mesh.expert = {expert_axis} shards MoE experts, but "
+                                "config.model.moe.num_experts = 0 (a dense model); set num_experts or "
+                                "use the devices on another axis")
+        return
+    v.choice(c, "model.moe.router", ROUTERS)
+    v.choice(c, "model.moe.dispatch", DISPATCHES)
+    v.choice(c, "model.moe.grouped_matmul_impl", (None, *IMPLEMENTATIONS))
+    v.positive(c, "model.moe.top_k", "model.moe.every", "model.moe.capacity_factor")
+    v.non_negative(c, "model.moe.expert_mlp_dim", "model.moe.num_shared_experts", "model.moe.load_balance_weight",
+                   "model.moe.sequence_balance_weight", "model.moe.z_loss_weight", "model.moe.bias_rate")
+    if e.top_k > e.num_experts:
+        raise v.ConfigError(f"config.model.moe.top_k = {e.top_k} exceeds config.model.moe.num_experts = "
+                            f"{e.num_experts}")
+    if c.model.num_layers % e.every:
+        raise v.ConfigError(f"config.model.moe.every = {e.every} must divide config.model.num_layers = "
+                            f"{c.model.num_layers} (the scanned unit is a group of `every` blocks)")
+    if e.router == "expert_choice" and e.bias_rate:
+        raise v.ConfigError("config.model.moe.bias_rate balances token-choice routing; expert_choice is "
+                            "balanced by construction (set bias_rate = 0)")
+    if e.router == "expert_choice" and e.dispatch != "capacity":
+        raise v.ConfigError("config.model.moe.router = 'expert_choice' fills every expert to capacity: set "
+                            "config.model.moe.dispatch = 'capacity'")
+    if expert_axis == -1:
+        raise v.ConfigError("config.mesh.expert must be given explicitly (not -1) for expert parallelism")
+    if e.num_experts % expert_axis:
+        raise v.ConfigError(f"config.model.moe.num_experts = {e.num_experts} must be divisible by "
+                            f"config.mesh.expert = {expert_axis} (each expert shard holds E / expert experts)")
+    if expert_axis > 1 and e.dispatch == "dropless":
+        raise v.ConfigError("config.model.moe.dispatch = 'dropless' with config.mesh.expert > 1 needs "
+                            "jax.lax.ragged_all_to_all, which has no CPU lowering and is not wired in yet; use "
+                            "dispatch = 'capacity' for expert parallelism")
 
 
 def _validate_heterogeneity(c: ml_collections.ConfigDict) -> None:

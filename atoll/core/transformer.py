@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from atoll.core import moe
+from atoll.core.moe import MoeConfig, MoeFfn
 from atoll.kernels import attention
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -41,11 +44,18 @@ class TransformerConfig:
     scan_layers: bool = True
     remat: str = "none"
     init_std: float = 0.02
+    moe: MoeConfig = MoeConfig()  # num_experts > 0: every moe.every-th block's FFN is an MoE layer
 
     @classmethod
     def from_dict(cls, d) -> "TransformerConfig":
         fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in dict(d).items() if k in fields})
+        kwargs = {k: v for k, v in dict(d).items() if k in fields}
+        if "moe" in kwargs and not isinstance(kwargs["moe"], MoeConfig):
+            kwargs["moe"] = MoeConfig.from_dict(kwargs["moe"])
+        return cls(**kwargs)
+
+    def is_moe_block(self, index: int) -> bool:
+        return self.moe.enabled and (index + 1) % self.moe.every == 0
 
 
 def _param(init_std: float, *axes: str):
@@ -142,13 +152,36 @@ class Block(nn.Module):
     """Pre-norm residual block. Signature (carry, _) -> (carry, None) so nn.scan can stack it."""
 
     cfg: TransformerConfig
+    moe: bool = False  # an MoE FFN (core/moe.py) instead of the dense one
+    expert_fn: Callable | None = None
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, rope: tuple[jax.Array, jax.Array]):
         c = self.cfg
         x_BTD = x_BTD + Attention(c, name="attn")(RMSNorm(c.norm_eps, c.dtype, name="attn_norm")(x_BTD), rope)
-        x_BTD = x_BTD + Mlp(c, name="mlp")(RMSNorm(c.norm_eps, c.dtype, name="mlp_norm")(x_BTD))
+        h_BTD = RMSNorm(c.norm_eps, c.dtype, name="mlp_norm")(x_BTD)
+        if self.moe:
+            ffn = MoeFfn(c.d_model, c.mlp_dim, c.moe, c.init_std, c.init_std / (2 * c.num_layers) ** 0.5, c.dtype,
+                         c.param_dtype, self.expert_fn, name="moe")
+        else:
+            ffn = Mlp(c, name="mlp")
+        x_BTD = x_BTD + ffn(h_BTD)
         x_BTD = nn.with_logical_constraint(x_BTD, ("act_batch", "act_length", "act_embed"))
+        return x_BTD, None
+
+
+class BlockGroup(nn.Module):
+    """moe.every consecutive blocks, the last with the MoE FFN: the unit nn.scan
+    stacks when only every k-th block is MoE."""
+
+    cfg: TransformerConfig
+    expert_fn: Callable | None = None
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array, rope: tuple[jax.Array, jax.Array]):
+        every = self.cfg.moe.every
+        for j in range(every):
+            x_BTD, _ = Block(self.cfg, j == every - 1, self.expert_fn, name=f"block_{j}")(x_BTD, rope)
         return x_BTD, None
 
 
@@ -162,6 +195,7 @@ def _remat_policy(name: str):
 
 class Transformer(nn.Module):
     cfg: TransformerConfig
+    expert_fn: Callable | None = None  # MoE experts on their slots; None = this device (see core/moe.py)
 
     @nn.compact
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
@@ -180,19 +214,26 @@ class Transformer(nn.Module):
         x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(c.dtype)
         x_BTD = nn.with_logical_constraint(x_BTD, ("act_batch", "act_length", "act_embed"))
 
-        block = Block
-        if c.remat != "none":
-            block = nn.remat(Block, policy=_remat_policy(c.remat), prevent_cse=not c.scan_layers)
         if c.scan_layers:
+            # The scanned unit: one block, or (only every k-th block MoE) a group of k.
+            grouped = c.moe.enabled and c.moe.every > 1
+            unit = BlockGroup if grouped else Block
+            if c.remat != "none":
+                unit = nn.remat(unit, policy=_remat_policy(c.remat), prevent_cse=False)
             stack = nn.scan(
-                block, variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=nn.broadcast, length=c.num_layers,
+                unit, variable_axes={"params": 0, **{col: 0 for col in (*moe.COLLECTIONS, moe.ROUTES)}},
+                split_rngs={"params": True}, in_axes=nn.broadcast,
+                length=c.num_layers // c.moe.every if grouped else c.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x_BTD, _ = stack(c, name="blocks")(x_BTD, rope)
+            args = (c, self.expert_fn) if grouped else (c, c.moe.enabled, self.expert_fn)
+            x_BTD, _ = stack(*args, name="blocks")(x_BTD, rope)
         else:
+            block = Block
+            if c.remat != "none":
+                block = nn.remat(Block, policy=_remat_policy(c.remat), prevent_cse=True)
             for i in range(c.num_layers):
-                x_BTD, _ = block(c, name=f"block_{i}")(x_BTD, rope)
+                x_BTD, _ = block(c, c.is_moe_block(i), self.expert_fn, name=f"block_{i}")(x_BTD, rope)
 
         x_BTD = RMSNorm(c.norm_eps, c.dtype, name="final_norm")(x_BTD)
         if c.tie_embeddings:

@@ -97,6 +97,51 @@ def plot_loss(workdir: Path, *, unit: str, scale: float, bar: float | None, bar_
     return out
 
 
+def routing_trajectory(rows: list[dict], field: str) -> dict[str, list[tuple[int, float]]]:
+    """{"block3": [(step, value), ...], ...} for a train_lm MoE metric (moe/block<i>/<field>)."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        for k, val in r.items():
+            parts = k.split("/")
+            if len(parts) == 3 and parts[0] == "moe" and parts[2] == field:
+                out.setdefault(parts[1], []).append((r["step"], float(val)))
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0].removeprefix("block"))))
+
+
+def plot_routing(workdir: Path) -> Path | None:
+    """The balance trajectory of an MoE run as routing.png: per MoE layer, the
+    busiest expert's load over the mean (1 = balanced), the drop rate and the
+    router entropy, against the step."""
+    if not is_writer():
+        return None
+    rows = read_metrics(workdir)
+    panels = [("max_over_mean_load", "max / mean expert load"), ("drop_rate", "drop rate"),
+              ("router_entropy", "router entropy (nats)")]
+    series = {field: routing_trajectory(rows, field) for field, _ in panels}
+    if not any(series.values()):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    for ax, (field, label) in zip(axes, panels):
+        for layer, points in series[field].items():
+            ax.plot(*zip(*points), lw=1, label=layer)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].axhline(1.0, color="gray", ls="--", lw=1)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{workdir.name}: routing balance per MoE layer")
+    out = workdir / "routing.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def _plain(v: Any) -> Any:
     if hasattr(v, "item"):
         v = v.item()

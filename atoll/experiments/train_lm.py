@@ -25,12 +25,12 @@ from tqdm.auto import tqdm
 
 from atoll.configs import lm as lm_config
 from atoll.configs.validation import ConfigError
-from atoll.core import optim
+from atoll.core import flops, optim
 from atoll.core.transformer import Transformer, TransformerConfig, count_params
 from atoll.data import text
 from atoll.experiments import outputs
-from atoll.parallel import (checkpoint, collectives, distributed, islands, mesh as mesh_lib, runtime, sharding,
-                            train_state)
+from atoll.parallel import (checkpoint, collectives, distributed, experts, islands, mesh as mesh_lib, runtime,
+                            sharding, train_state)
 
 _CONFIG = config_flags.DEFINE_config_file("config", "atoll/configs/lm.py:tiny", "LM config file[:variant].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs and checkpoints.")
@@ -69,11 +69,11 @@ def _check_workdir_config(workdir: Path, config: ml_collections.ConfigDict) -> N
 
 def _check_against_mesh(config, mesh) -> None:
     sizes = mesh_lib.mesh_sizes(mesh)
-    batch_shards = sizes["island"] * sizes["data"] * sizes["fsdp"]
+    batch_shards = sizes["island"] * sizes["data"] * sizes["fsdp"] * sizes["expert"]
     if config.train.batch_size % batch_shards:
         raise ConfigError(
-            f"config.train.batch_size = {config.train.batch_size} must be divisible by island × data × fsdp = "
-            f"{batch_shards} (the batch is split over all three)"
+            f"config.train.batch_size = {config.train.batch_size} must be divisible by island × data × fsdp × "
+            f"expert = {batch_shards} (the batch is split over all four)"
         )
     if config.model.d_model % sizes["fsdp"]:
         raise ConfigError(f"config.model.d_model = {config.model.d_model} must be divisible by "
@@ -193,6 +193,19 @@ def _island_fields(loss, ledger: islands.CommLedger | None, tokens: int) -> dict
     return out
 
 
+def _moe_fields(moe_metrics: dict, blocks: list[int], per_island: bool) -> dict:
+    """Routing figures per MoE layer for metrics.jsonl, as moe/block<i>/<name>
+    (load_fraction a list over experts); island runs average over islands."""
+    if not moe_metrics:
+        return {}
+    m = {k: np.mean(np.asarray(v), axis=0) if per_island else np.asarray(v) for k, v in moe_metrics.items()}
+    out = {"moe/aux_loss": float(m.pop("aux_loss"))}
+    for name, values in m.items():
+        for block, value in zip(blocks, values):
+            out[f"moe/block{block}/{name}"] = value.tolist() if np.ndim(value) else float(value)
+    return out
+
+
 @dataclasses.dataclass
 class RunResult:
     summary: dict
@@ -226,7 +239,9 @@ def train(
     if corpus.vocab_size > c.vocab_size:
         raise ConfigError(f"config.model.vocab_size = {c.vocab_size} is smaller than the data's "
                           f"vocabulary ({corpus.vocab_size} tokens in {corpus.source})")
-    model = Transformer(TransformerConfig.from_dict(c))
+    model_config = TransformerConfig.from_dict(c)
+    model = Transformer(model_config, expert_fn=experts.expert_fn_for(mesh))
+    moe_blocks = [i for i in range(model_config.num_layers) if model_config.is_moe_block(i)]
     tx, schedule = optim.adamw_from_config(t)
     seq_len = config.data.seq_len
     spec = lm_config.outer_spec(config)
@@ -305,6 +320,7 @@ def train(
             last_time, last_step = now, step
             row.update(loss=float(np.mean(m["loss"])), grad_norm=float(np.mean(m["grad_norm"])),
                        learning_rate=float(schedule(step - 1)), tokens_per_sec=rate)
+            row.update(_moe_fields(m.get("moe"), moe_blocks, per_island=np.ndim(m["loss"]) > 0))
             bar.set_postfix(loss=f"{row['loss']:.3f}")
         if eval_now:
             val_loss = evaluate(eval_fn, engine.eval_params(state), val_windows, t.batch_size, mesh)
@@ -329,6 +345,7 @@ def train(
         "step": step,
         "finished": step >= t.steps,
         "params": count_params(engine.eval_params(state)),
+        "active_params": flops.active_params(model_config),
         "val_loss": val_loss,
         f"val_{unit}": text.bits_per_token(val_loss),
         f"unigram_{unit}": unigram,
@@ -349,6 +366,8 @@ def train(
                 "speeds": lm_config.island_speeds(config), "mode": config.outer.heterogeneity,
                 "steps_per_period": list(island_plan.steps_M), "rounds_per_period": list(island_plan.rounds_M)}
     outputs.write_json(workdir / "summary.json", summary)
+    if moe_blocks:
+        outputs.plot_routing(workdir)
     outputs.plot_loss(workdir, unit=unit.replace("_", " "), scale=1 / np.log(2), bar=unigram,
                       bar_label=f"unigram ({unigram:.2f})")
     return RunResult(summary, state)

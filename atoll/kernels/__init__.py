@@ -2,5 +2,6 @@
 everywhere, and backend-specific implementations chosen by `implementation=`."""
 
 from atoll.kernels.attention import attention, attention_reference
+from atoll.kernels.grouped_matmul import grouped_matmul, grouped_matmul_reference
 
-__all__ = ["attention", "attention_reference"]
+__all__ = ["attention", "attention_reference", "grouped_matmul", "grouped_matmul_reference"]

@@ -13,10 +13,11 @@ import flax.linen as nn
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-# Inside an island the batch splits over data × fsdp. Training that is not
-# split into islands (island = 1, or DDP across islands) also splits it over
+# Inside an island the batch splits over data × fsdp × expert (outside the MoE
+# layers the expert axis is one more data axis, as in GShard). Training that is
+# not split into islands (island = 1, or DDP across islands) also splits it over
 # `island`, so gradients are averaged across islands every step.
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp", "expert")
 DDP_BATCH_AXES = ("island",) + BATCH_AXES
 
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -30,6 +31,9 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", None),
     ("norm", None),
     ("layers", None),
+    ("expert", "expert"),  # MoE experts [E, ...]: one slice of them per expert-axis shard
+    ("expert_mlp", "tensor"),
+    ("router_experts", None),
     # activations
     ("act_batch", DDP_BATCH_AXES),
     ("act_length", "context"),
@@ -65,7 +69,7 @@ def tree_shardings(boxed_tree, mesh: jax.sharding.Mesh):
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
-    """Token batches [B, ...] are split over island × data × fsdp and replicated elsewhere."""
+    """Token batches [B, ...] are split over island × data × fsdp × expert and replicated elsewhere."""
     return NamedSharding(mesh, P(DDP_BATCH_AXES, *([None] * (ndim - 1))))
 
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from atoll.core import moe
 from atoll.core.transformer import next_token_loss
 from atoll.parallel import sharding
 
@@ -59,16 +60,30 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, mesh, seq_len
 
 
 def loss_fn(model: nn.Module, params, tokens_BT1: jax.Array) -> jax.Array:
-    """Next-token loss on windows of T+1 tokens."""
+    """Next-token loss on windows of T+1 tokens (what evaluation reports)."""
     logits_BTV = model.apply({"params": params}, tokens_BT1[:, :-1])
     return next_token_loss(logits_BTV, tokens_BT1[:, 1:])
 
 
+def train_loss_fn(model: nn.Module, params, tokens_BT1: jax.Array):
+    """(next-token loss + MoE auxiliary losses, (next-token loss, what the MoE
+    layers recorded)). A dense model records nothing and adds 0."""
+    logits_BTV, recorded = model.apply({"params": params}, tokens_BT1[:, :-1], mutable=list(moe.COLLECTIONS))
+    ce = next_token_loss(logits_BTV, tokens_BT1[:, 1:])
+    return ce + moe.aux_loss(recorded), (ce, recorded)
+
+
 def train_step(model: nn.Module, tx: optax.GradientTransformation, state: State, tokens_BT1: jax.Array):
-    loss, grads = jax.value_and_grad(lambda p: loss_fn(model, p, tokens_BT1))(state["params"])
+    (_, (loss, recorded)), grads = jax.value_and_grad(
+        lambda p: train_loss_fn(model, p, tokens_BT1), has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    if recorded.get(moe.LOADS):  # aux-loss-free balancing: the biases move by load, not by gradient
+        params = moe.apply_bias_updates(params, state["params"], recorded[moe.LOADS], model.cfg.moe.bias_rate)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    if recorded.get(moe.METRICS):
+        metrics["moe"] = moe.layer_metrics(recorded)
+        metrics["moe"]["aux_loss"] = moe.aux_loss(recorded)
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
 

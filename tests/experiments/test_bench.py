@@ -44,9 +44,11 @@ def test_checkpoint_bench_prints_every_mode_and_the_summary(tmp_path):
     assert [r.get("mode") for r in rows[:4]] == ["none", "sync", "async", "lazy"]
     by = {r["mode"]: r for r in rows[:4]}
     assert by["none"]["saves"] == 0 and all(by[m]["saves"] == 2 for m in ("sync", "async", "lazy"))
+    assert all(by[m]["steps"] == 4 and len(by[m]["throughput_vs_none_per_round"]) == 2 for m in by)
+    assert by["sync"]["throughput_vs_none"] == by["none"]["loop_s"] / by["sync"]["loop_s"]
     last = rows[-1]
     assert {"stall_ratio_async_vs_sync", "stall_ratio_lazy_vs_sync", "throughput_ratio_save_every_10",
             "device"} <= set(last)
     assert last["stall_ratio_lazy_vs_sync"] == by["lazy"]["stall_median_s"] / by["sync"]["stall_median_s"]
-    assert last["throughput_ratio_save_every_10"] == by["lazy"]["steps_per_sec"] / by["none"]["steps_per_sec"]
+    assert last["throughput_ratio_save_every_10"] == by["lazy"]["throughput_vs_none"]
     assert not any(tmp_path.iterdir())  # the checkpoints were removed

@@ -79,12 +79,14 @@ def test_same_params_and_batch_same_loss_on_one_device_and_on_a_2x2x2_mesh():
 
 
 def test_activation_constraints_resolve_through_the_rules():
-    # outside islands the batch also splits over `island` (DDP across islands); inside one it does not
+    # outside islands the batch also splits over `island` (DDP across islands); inside one it does not;
+    # `expert` is one more batch axis outside the MoE layers
     assert sharding.logical_to_spec(("act_batch", "act_length", "act_embed")) == P(
-        ("island", "data", "fsdp"), "context", None)
+        ("island", "data", "fsdp", "expert"), "context", None)
     within = dict(sharding.logical_rules(within_island=True))
-    assert within["act_batch"] == ("data", "fsdp") and within["act_mlp"] == "tensor"
+    assert within["act_batch"] == ("data", "fsdp", "expert") and within["act_mlp"] == "tensor"
     assert sharding.logical_to_spec(("embed", "mlp")) == P("fsdp", "tensor")
+    assert sharding.logical_to_spec(("expert", "embed", "expert_mlp")) == P("expert", "fsdp", "tensor")
     mesh = make_mesh({"data": 4, "tensor": 2})
     with train_state.mesh_context(mesh):
         f = jax.jit(lambda x: nn.with_logical_constraint(x * 2, ("act_batch", None, "act_mlp")))
