@@ -302,6 +302,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
             if m[field] % tensor:
                 raise v.ConfigError(f"config.model.{field} = {m[field]} must be divisible by "
                                     f"config.mesh.tensor = {tensor} (tensor parallelism splits it)")
+        if m.moe.num_experts and m.moe.expert_mlp_dim % tensor:
+            raise v.ConfigError(f"config.model.moe.expert_mlp_dim = {m.moe.expert_mlp_dim} must be divisible by "
+                                f"config.mesh.tensor = {tensor} (tensor parallelism splits each expert's width)")
 
 
 def _validate_outer(c: ml_collections.ConfigDict) -> None:
@@ -388,6 +391,14 @@ def _validate_moe(c: ml_collections.ConfigDict) -> None:
     if e.num_experts % expert_axis:
         raise v.ConfigError(f"config.model.moe.num_experts = {e.num_experts} must be divisible by "
                             f"config.mesh.expert = {expert_axis} (each expert shard holds E / expert experts)")
+    if c.mesh.context not in (1, -1):
+        raise v.ConfigError("config.model.moe with config.mesh.context > 1: each sequence is a routing group, "
+                            "and context parallelism would split it over devices; use context = 1 for MoE")
+    if (c.outer.method == "streaming_diloco" and c.outer.fragments > 1 and e.every > 1
+            and c.model.scan_layers):
+        raise v.ConfigError("streaming_diloco fragments are groups of layers, and with config.model.moe.every > 1 "
+                            "a scanned model stacks every `every`-th layer together; set "
+                            "config.model.scan_layers = False (or moe.every = 1)")
     if expert_axis > 1 and e.dispatch == "dropless":
         raise v.ConfigError("config.model.moe.dispatch = 'dropless' with config.mesh.expert > 1 needs "
                             "jax.lax.ragged_all_to_all, which has no CPU lowering and is not wired in yet; use "

@@ -34,7 +34,7 @@ PEAK_BF16_FLOPS = {
 
 
 def _moe_layers(c: TransformerConfig) -> int:
-    return sum(c.is_moe_block(i) for i in range(c.num_layers))
+    return len(c.moe_blocks())
 
 
 def _expert_width(c: TransformerConfig) -> int:
@@ -82,7 +82,8 @@ def train_flops_per_token(c: TransformerConfig, seq_len: int) -> float:
 
 
 def baseline_convention_flops_per_token(c: TransformerConfig, seq_len: int) -> float:
-    return 6.0 * total_params(c) + 12.0 * c.num_layers * c.d_model * seq_len
+    # active, not total: an MoE token passes through top_k experts, not all of them
+    return 6.0 * active_params(c) + 12.0 * c.num_layers * c.d_model * seq_len
 
 
 def device_peak_flops(device_kind: str) -> float | None:

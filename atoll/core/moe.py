@@ -25,8 +25,16 @@ Balance: the Switch load-balancing loss over the batch, a per-sequence
 ("expert-level", DeepSeek-V2/V3) balance loss, the router z-loss (ST-MoE),
 each with a weight; and DeepSeek-V3's auxiliary-loss-free bias: a per-expert
 bias added to the scores for choosing experts only, nudged after every step
-toward uniform load (`balance_bias_update`; the train step applies it).
+toward uniform load (`balance_bias_update`; the train step applies it; the
+inner optimizer never owns it). The bias is a param, so checkpoints carry it
+and island training averages it like the rest: the outer optimizer (momentum
+included) treats an island's bias change as part of its pseudo-gradient.
 Shared experts (DiT-MoE, DeepSeek): dense SwiGLU experts every token passes.
+
+Capacity dispatch and expert choice work per group (vmapped), so a batch split
+over devices stays split. Dropless sorts the whole batch's assignments (XLA
+cannot vmap ragged_dot over groups with shared weights); train_lm refuses it
+when the batch is split over several devices.
 """
 
 from __future__ import annotations
@@ -131,23 +139,23 @@ def capacity_slots(experts_GSK: jax.Array, num_experts: int, capacity: int):
 
 
 def dispatch_to_slots(x_GSD, experts_GSK, slot_GSK, kept_GSK, num_experts: int, capacity: int) -> jax.Array:
-    """buffer_GECD: every kept assignment's token in its expert's slot; empty slots are zero."""
-    G, S, D = x_GSD.shape
-    K = experts_GSK.shape[-1]
-    g_GSK = jnp.broadcast_to(jnp.arange(G)[:, None, None], (G, S, K))
-    slot_GSK = jnp.where(kept_GSK, slot_GSK, capacity)  # out of range: dropped by the scatter
-    x_GSKD = jnp.broadcast_to(x_GSD[:, :, None, :], (G, S, K, D))
-    buffer_GECD = jnp.zeros((G, num_experts, capacity, D), x_GSD.dtype)
-    return buffer_GECD.at[g_GSK, experts_GSK, slot_GSK].set(x_GSKD, mode="drop")
+    """buffer_GECD: every kept assignment's token in its expert's slot; empty slots are zero.
+    (vmapped over groups, so a batch split over devices stays split: no gather of G.)"""
+    def one(x_SD, e_SK, slot_SK, kept_SK):
+        S, D = x_SD.shape
+        slot_SK = jnp.where(kept_SK, slot_SK, capacity)  # out of range: dropped by the scatter
+        x_SKD = jnp.broadcast_to(x_SD[:, None, :], (S, e_SK.shape[-1], D))
+        return jnp.zeros((num_experts, capacity, D), x_SD.dtype).at[e_SK, slot_SK].set(x_SKD, mode="drop")
+    return jax.vmap(one)(x_GSD, experts_GSK, slot_GSK, kept_GSK)
 
 
 def combine_from_slots(y_GECD, experts_GSK, slot_GSK, kept_GSK, weights_GSK) -> jax.Array:
     """out_GSD = Σ_k weight · (expert output of the token's k-th assignment), 0 where dropped."""
-    G, _, C, _ = y_GECD.shape
-    g_GSK = jnp.broadcast_to(jnp.arange(G)[:, None, None], experts_GSK.shape)
-    y_GSKD = y_GECD[g_GSK, experts_GSK, jnp.minimum(slot_GSK, C - 1)]
-    w_GSK = jnp.where(kept_GSK, weights_GSK, 0.0).astype(y_GECD.dtype)
-    return jnp.einsum("gskd,gsk->gsd", y_GSKD, w_GSK)
+    C = y_GECD.shape[2]
+    def one(y_ECD, e_SK, slot_SK, kept_SK, w_SK):
+        y_SKD = y_ECD[e_SK, jnp.minimum(slot_SK, C - 1)]
+        return jnp.einsum("skd,sk->sd", y_SKD, jnp.where(kept_SK, w_SK, 0.0).astype(y_ECD.dtype))
+    return jax.vmap(one)(y_GECD, experts_GSK, slot_GSK, kept_GSK, weights_GSK)
 
 
 def dispatch_by_tokens(x_GSD: jax.Array, tokens_GEC: jax.Array) -> jax.Array:

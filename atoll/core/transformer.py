@@ -57,6 +57,10 @@ class TransformerConfig:
     def is_moe_block(self, index: int) -> bool:
         return self.moe.enabled and (index + 1) % self.moe.every == 0
 
+    def moe_blocks(self) -> list[int]:
+        """Block indices whose FFN is MoE, in depth order."""
+        return [i for i in range(self.num_layers) if self.is_moe_block(i)]
+
 
 def _param(init_std: float, *axes: str):
     return nn.with_logical_partitioning(nn.initializers.normal(init_std), axes)

@@ -179,7 +179,7 @@ def affinity_summary(routes_LNK: np.ndarray, num_experts: int, layers: list[int]
 
 def moe_layers(cfg: TransformerConfig) -> list[int]:
     """Block indices of the MoE layers, in depth order."""
-    return [i for i in range(cfg.num_layers) if cfg.is_moe_block(i)]
+    return cfg.moe_blocks()
 
 
 def check_model(cfg: TransformerConfig) -> list[int]:

@@ -54,6 +54,8 @@ def _check_workdir_config(workdir: Path, config: ml_collections.ConfigDict) -> N
         return
     saved = json.loads(saved_path.read_text())
     now = json.loads(config.to_json_best_effort())
+    # runs saved before config.model.moe existed are dense: the default moe block
+    saved.get("model", {}).setdefault("moe", json.loads(lm_config.moe_config().to_json_best_effort()))
     diffs = [
         f"{section}.{k}: {saved.get(section, {}).get(k)!r} -> {now[section].get(k)!r}"
         for section in _STATE_FIELDS
@@ -75,6 +77,13 @@ def _check_against_mesh(config, mesh) -> None:
             f"config.train.batch_size = {config.train.batch_size} must be divisible by island × data × fsdp × "
             f"expert = {batch_shards} (the batch is split over all four)"
         )
+    batch_devices = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    if config.model.moe.num_experts and config.model.moe.dispatch == "dropless" and batch_devices > 1:
+        raise ConfigError(
+            f"config.model.moe.dispatch = 'dropless' sorts the whole batch's assignments by expert; with the batch "
+            f"split over data × fsdp × expert = {batch_devices} devices XLA would gather it onto every device "
+            "(each doing the whole batch's expert work). Use dispatch = 'capacity', or one device per island, "
+            "until the per-shard sort arrives with the grouped-matmul kernel")
     if config.model.d_model % sizes["fsdp"]:
         raise ConfigError(f"config.model.d_model = {config.model.d_model} must be divisible by "
                           f"mesh fsdp = {sizes['fsdp']}")
@@ -241,7 +250,7 @@ def train(
                           f"vocabulary ({corpus.vocab_size} tokens in {corpus.source})")
     model_config = TransformerConfig.from_dict(c)
     model = Transformer(model_config, expert_fn=experts.expert_fn_for(mesh))
-    moe_blocks = [i for i in range(model_config.num_layers) if model_config.is_moe_block(i)]
+    moe_blocks = model_config.moe_blocks()
     tx, schedule = optim.adamw_from_config(t)
     seq_len = config.data.seq_len
     spec = lm_config.outer_spec(config)

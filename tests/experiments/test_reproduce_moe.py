@@ -28,7 +28,9 @@ def test_reproduction_writes_the_contract_the_plots_and_routing_metrics(tmp_path
     assert balanced["params"] > balanced["active_params"]
     cfg = TransformerConfig.from_dict(mr.run_config(toy, mr.RUNS[1][1]).model)
     assert balanced["params"] == flops.total_params(cfg)
-    assert balanced["max_over_mean_load"] >= 1.0 and 0.0 <= balanced["drop_rate"] <= 1.0
+    last = [r for r in outputs.read_metrics(tmp_path / "runs" / "topk_balanced") if "loss" in r][-1]
+    want = (last["moe/block0/max_over_mean_load"] + last["moe/block1/max_over_mean_load"]) / 2
+    assert abs(balanced["max_over_mean_load"] - want) < 1e-9 and 0.0 <= balanced["drop_rate"] <= 1.0
     assert dense["max_over_mean_load"] is None
     affinity = saved["affinity"]["matrices"]
     assert len(affinity) == 1 and len(affinity[0]) == mr.EXPERTS  # one adjacent pair, E x E

@@ -160,3 +160,16 @@ def test_a_damaged_latest_checkpoint_stops_the_run_unless_latest_valid(tmp_path)
     steps = [r["step"] for r in outputs.read_metrics(tmp_path / "run")]
     assert steps == sorted(set(steps)) and steps[-1] == 15
     assert (tmp_path / "run" / "checkpoints" / "10.damaged").is_dir()  # set aside, not deleted
+
+
+def test_a_workdir_saved_before_moe_configs_existed_still_matches_its_dense_config(tmp_path):
+    from atoll.experiments.train_lm import _check_workdir_config
+
+    c = small_config()
+    saved = json.loads(c.to_json_best_effort())
+    del saved["model"]["moe"]  # config.json as runs wrote it before config.model.moe
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    _check_workdir_config(tmp_path, c)  # the same dense model: accepted
+    c.model.moe.num_experts = 4
+    with pytest.raises(ConfigError, match="different model"):
+        _check_workdir_config(tmp_path, c)

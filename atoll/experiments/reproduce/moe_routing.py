@@ -32,6 +32,7 @@ figures); `full` is lm.py:small-sized, a GPU job. A rerun with the same
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -170,21 +171,6 @@ def plot_balance(out: Path, trajectories: dict[str, list[tuple[int, float]]]) ->
     return runs.save_figure(fig, out / "balance.png")
 
 
-def affinity_of(workdir: Path, config, windows: int):
-    """The inter-layer affinity of a finished run's last checkpoint on validation windows."""
-    from atoll.core.transformer import TransformerConfig
-    from atoll.data import text
-    from atoll.experiments import moe_affinity
-    from atoll.parallel import checkpoint
-
-    step = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    params = checkpoint.read_on_host(workdir / "checkpoints", step)["params"]
-    corpus = text.load_corpus(config.data.path, glob=config.data.glob, val_fraction=config.data.val_fraction,
-                              cache_dir=config.data.cache_dir, progress=False)
-    tokens_BT = text.eval_windows(corpus.val, num_windows=windows, seq_len=config.data.seq_len)[:, :-1]
-    return moe_affinity.affinity_from_params(TransformerConfig.from_dict(config.model), params, tokens_BT)
-
-
 def reproduce(preset_name: str, out: str | Path, progress: bool = True) -> dict:
     from atoll.core import flops
     from atoll.core.transformer import TransformerConfig
@@ -193,9 +179,9 @@ def reproduce(preset_name: str, out: str | Path, progress: bool = True) -> dict:
     preset = PRESETS[preset_name]
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    rows, curves, trajectories, configs = [], {}, {}, {}
+    rows, curves, trajectories = [], {}, {}
     for name, moe_overrides in RUNS:
-        config = configs[name] = run_config(preset, moe_overrides)
+        config = run_config(preset, moe_overrides)
         workdir = out / "runs" / name
 
         def row_of(summary: dict, wall_s: float, name=name, config=config) -> dict:
@@ -212,9 +198,11 @@ def reproduce(preset_name: str, out: str | Path, progress: bool = True) -> dict:
         print(f"   val loss {row['final_val_loss']:.4f}, max/mean load {row['max_over_mean_load']}, "
               f"{row['wall_s']:.0f} s", flush=True)
         rows.append(row)
-    affinity, affinity_summary = affinity_of(out / "runs" / AFFINITY_RUN, configs[AFFINITY_RUN],
-                                             preset["affinity_windows"])
-    moe_affinity.plot_affinity(affinity, out / "affinity.png")
+    # the affinity tool on the balanced run's last checkpoint: RUN/analysis/affinity.{json,png}
+    affinity_summary = moe_affinity.run(out / "runs" / AFFINITY_RUN, windows=preset["affinity_windows"],
+                                        progress=False)
+    affinity = affinity_summary.pop("affinity")
+    shutil.copy(out / "runs" / AFFINITY_RUN / "analysis" / "affinity.png", out / "affinity.png")
     results = {"preset": preset_name, "setting": {**preset, "experts": EXPERTS, "top_k": TOP_K}, "runs": rows,
                "val_curves": curves, "balance_trajectories": trajectories,
                "affinity": {"run": AFFINITY_RUN, "matrices": np.asarray(affinity).tolist(), **affinity_summary}}
