@@ -324,7 +324,7 @@ class MoeFfn(nn.Module):
             y_GSD = combine_by_tokens(y_GECD, tokens_GEC, weights_GEC, S)
             counts_E = jnp.full((E,), G * C, jnp.int32)
             _record(self, ROUTES, "expert_tokens", tokens_GEC)
-            reached_GS = jnp.zeros((G, S), jnp.int32).at[jnp.arange(G)[:, None, None], tokens_GEC].add(1)
+            reached_GS = jax.vmap(lambda t_EC: jnp.zeros((S,), jnp.int32).at[t_EC].add(1))(tokens_GEC)
             drop_rate = jnp.mean((reached_GS == 0).astype(jnp.float32))  # tokens no expert took
             balance = sequence = jnp.zeros((), jnp.float32)
         else:
@@ -379,23 +379,19 @@ def _natural(path: tuple[str, ...]):
     return [int(t) if t.isdigit() else t for part in path for t in re.split(r"(\d+)", part)]
 
 
+def stack_by_depth(tree, leaf: str) -> jax.Array:
+    """[L_moe, ...]: the `leaf` every MoE layer recorded in one collection's
+    tree, in depth order. Unrolled blocks (block_<i>) sort by index; nn.scan's
+    stacks ("blocks": [groups, ...]) interleave their positions in a group."""
+    flat = traverse_util.flatten_dict(dict(tree))
+    paths = sorted((path for path in flat if path[-1] == leaf), key=_natural)
+    parts = [flat[path] for path in paths]
+    if paths[0][0] == "blocks":
+        return jnp.stack(parts, axis=1).reshape(-1, *jnp.shape(parts[0])[1:])
+    return jnp.stack(parts)
+
+
 def layer_metrics(collections: dict) -> dict[str, jax.Array]:
-    """{metric: [L_moe, ...]} over the MoE layers in depth order, from the
-    moe_metrics collection (scanned stacks and unscanned blocks alike)."""
+    """{metric: [L_moe, ...]} over the MoE layers in depth order, from the moe_metrics collection."""
     flat = traverse_util.flatten_dict(dict(collections.get(METRICS, {})))
-    if not flat:
-        return {}
-    by_module: dict[tuple, dict[str, jax.Array]] = {}
-    for path, value in flat.items():
-        by_module.setdefault(path[:-1], {})[path[-1]] = value
-    modules = sorted(by_module, key=_natural)
-    names = by_module[modules[0]]
-    scanned = jnp.ndim(by_module[modules[0]]["drop_rate"]) == 1  # [layers] under nn.scan
-    out = {}
-    for name in names:
-        parts = [by_module[mod][name] for mod in modules]
-        if scanned:  # several MoE positions per scanned group interleave by depth
-            out[name] = jnp.stack(parts, axis=1).reshape(-1, *parts[0].shape[1:])
-        else:
-            out[name] = jnp.stack(parts)
-    return out
+    return {name: stack_by_depth(collections[METRICS], name) for name in sorted({path[-1] for path in flat})}

@@ -58,7 +58,7 @@ class AffinityError(ValueError):
 
 def _routes_LGSK(recorded: dict) -> np.ndarray:
     """[L_moe, G, S, K] from the moe_routes collection, layers in depth order
-    (scanned stacks and unscanned blocks alike, as moe.layer_metrics orders them)."""
+    (scanned stacks and unscanned blocks alike: moe.stack_by_depth)."""
     routes = recorded.get(moe.ROUTES, recorded)
     flat = traverse_util.flatten_dict(dict(routes)) if routes else {}
     if not flat:
@@ -68,11 +68,7 @@ def _routes_LGSK(recorded: dict) -> np.ndarray:
         raise AffinityError("expert-choice MoE layers (router='expert_choice') route per expert: a token reaches "
                             "0..E experts, so there is no per-token route to compare across layers; inter-layer "
                             "affinity needs a token-choice router (softmax_topk or topk_softmax)")
-    modules = sorted((path for path in flat if path[-1] == "experts"), key=moe._natural)
-    parts = [np.asarray(jax.device_get(flat[path])) for path in modules]
-    if parts[0].ndim == 4:  # [layers, G, S, K] under nn.scan; several positions per group interleave by depth
-        return np.stack(parts, axis=1).reshape(-1, *parts[0].shape[1:])
-    return np.stack(parts)
+    return np.asarray(moe.stack_by_depth(routes, "experts"))
 
 
 def routes_by_layer(recorded: dict) -> np.ndarray:
