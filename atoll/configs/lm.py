@@ -278,8 +278,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
     v.choice(c, "model.dtype", DTYPES)
     v.choice(c, "model.param_dtype", ("float32", "bfloat16"))
     v.choice(c, "model.remat", REMAT_POLICIES)
-    v.choice(c, "model.attention_impl", (None, "xla", "cudnn"))
+    v.choice(c, "model.attention_impl", (None, "xla", "cudnn", "pallas"))
     v.divides(c, "model.num_kv_heads", "model.num_heads", "grouped-query attention")
+    if m.attention_impl == "pallas" and (m.dtype not in ("bfloat16", "float16") or m.head_dim not in (64, 128)):
+        raise v.ConfigError(
+            f"config.model.attention_impl = 'pallas' needs model.dtype bfloat16 or float16 and head_dim 64 or "
+            f"128; got {m.dtype} and {m.head_dim}")
     if m.head_dim % 2:
         raise v.ConfigError(f"config.model.head_dim = {m.head_dim} must be even (rotary embedding)")
     v.positive(c, "data.seq_len")

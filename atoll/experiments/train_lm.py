@@ -87,6 +87,11 @@ def _check_against_mesh(config, mesh) -> None:
     if config.model.d_model % sizes["fsdp"]:
         raise ConfigError(f"config.model.d_model = {config.model.d_model} must be divisible by "
                           f"mesh fsdp = {sizes['fsdp']}")
+    if config.model.attention_impl == "pallas" and mesh.size > 1:
+        raise ConfigError(
+            f"config.model.attention_impl = 'pallas' runs on one device for now: XLA cannot split its kernels "
+            f"over a mesh of {mesh.size} devices and would gather every input. Use 'cudnn' (or None) on a "
+            "multi-device mesh until the kernels are wrapped in shard_map (context-parallelism issue)")
 
 
 def _global_batch(local_BT: np.ndarray, mesh) -> jax.Array:

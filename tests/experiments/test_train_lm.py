@@ -131,6 +131,7 @@ def test_a_new_process_resumes_to_the_same_params(tmp_path):
     ("model.num_kv_heads", 3, "config.model.num_kv_heads = 3 must divide config.model.num_heads = 4"),
     ("train.lr", -1.0, "config.train.lr = -1.0 must be a positive number"),
     ("data.val_fraction", 0.9, "config.data.val_fraction = 0.9 must lie in"),
+    ("model.attention_impl", "pallas", "config.model.attention_impl = 'pallas' needs model.dtype bfloat16"),
 ])
 def test_validation_names_the_field(field, value, message):
     c = lm.get_config("tiny")
@@ -138,6 +139,17 @@ def test_validation_names_the_field(field, value, message):
     c[section][name] = value
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
         lm.validate(c)
+
+
+def test_pallas_attention_refuses_a_multi_device_mesh(tmp_path):
+    c = small_config()
+    c.model.update(dtype="bfloat16", head_dim=64)
+    c.model.attention_impl = "pallas"
+    lm.validate(c)
+    c.mesh.update(data=2)
+    with pytest.raises(ConfigError, match="runs on one device for now"):
+        train(c, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_every_variant_validates():

@@ -8,7 +8,11 @@ Layout [batch, seq, heads, head_dim]; k/v may have fewer heads than q
   None     the best available backend: "cudnn" on a GPU (fp16/bf16), else "xla"
   "xla"    the reference (plain einsums, fp32 softmax); runs everywhere
   "cudnn"  cuDNN fused attention via jax.nn.dot_product_attention (GPU only)
-The Pallas backend arrives with the flash-attention issue.
+  "pallas" atoll's flash-attention kernels on Mosaic GPU (Hopper; bf16/fp16,
+           head_dim 64 or 128), forward and backward; on other platforms
+           the same kernels run in Pallas' GPU interpreter (slow, for tests)
+All backends take causal=, segment_ids= (one [B, T] array, or a (q, kv) pair)
+and return_lse= (the log-sum-exp [B, N, T] in fp32).
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ import jax
 import jax.numpy as jnp
 
 from atoll.kernels.attention.cudnn import attention_cudnn
+from atoll.kernels.attention.pallas_mgpu import BlockSizes, attention_pallas
 from atoll.kernels.attention.reference import attention_reference
 
-IMPLEMENTATIONS = ("xla", "cudnn")
+IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
 
-_BACKENDS = {"xla": attention_reference, "cudnn": attention_cudnn}
+_BACKENDS = {"xla": attention_reference, "cudnn": attention_cudnn, "pallas": attention_pallas}
 
 
 def default_implementation(dtype) -> str:
@@ -74,4 +79,7 @@ def _check_shapes(q, k, v) -> None:
         )
 
 
-__all__ = ["attention", "attention_reference", "default_implementation", "IMPLEMENTATIONS"]
+__all__ = [
+    "attention", "attention_reference", "attention_pallas", "BlockSizes",
+    "default_implementation", "IMPLEMENTATIONS",
+]
