@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from atoll.kernels.attention.cudnn import attention_cudnn
-from atoll.kernels.attention.pallas_mgpu import BlockSizes, attention_pallas
-from atoll.kernels.attention.reference import attention_reference
+from atoll.kernels.attention.pallas_mgpu import BlockSizes, attention_backward_pallas, attention_pallas
+from atoll.kernels.attention.reference import attention_backward_reference, attention_reference
 
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
 
@@ -63,6 +63,48 @@ def attention(
     )
 
 
+def attention_backward(
+    q_BTNK: jax.Array,
+    k_BSHK: jax.Array,
+    v_BSHK: jax.Array,
+    out_BTNK: jax.Array,
+    lse_BNT: jax.Array,
+    d_out_BTNK: jax.Array,
+    d_lse_BNT: jax.Array | None = None,
+    *,
+    causal: bool = False,
+    sm_scale: float | None = None,
+    implementation: str | None = None,
+):
+    """(dq, dk, dv) of attention from a forward's saved `out` and `lse`.
+
+    `out` and `lse` may be the merged result over more keys than `k` holds (a
+    ring step): the gradients are then this key block's contributions, which
+    sum over blocks to the full gradient. "pallas" runs atoll's dQ and dK/dV
+    kernels; "xla" (and "cudnn", which has no such entry) the einsum reference.
+    Gradients come back in fp32 (xla) or q's dtype (pallas)."""
+    delta_BNT = jnp.einsum("btnk,btnk->bnt", out_BTNK.astype(jnp.float32), d_out_BTNK.astype(jnp.float32))
+    if d_lse_BNT is not None:
+        delta_BNT = delta_BNT - d_lse_BNT.astype(jnp.float32)
+    return attention_backward_stats(q_BTNK, k_BSHK, v_BSHK, lse_BNT, d_out_BTNK, delta_BNT, causal=causal,
+                                    sm_scale=sm_scale, implementation=implementation)
+
+
+def attention_backward_stats(q_BTNK, k_BSHK, v_BSHK, lse_BNT, d_out_BTNK, delta_BNT, *, causal=False,
+                             sm_scale=None, implementation=None):
+    """`attention_backward` with delta = rowsum(dO ∘ out) − dlse given instead of out."""
+    _check_shapes(q_BTNK, k_BSHK, v_BSHK)
+    if implementation is None:
+        implementation = default_implementation(q_BTNK.dtype)
+    if implementation not in _BACKENDS:
+        raise ValueError(
+            f"attention implementation {implementation!r} is unknown; "
+            f"choose one of {list(IMPLEMENTATIONS)} or None (automatic)"
+        )
+    backward = attention_backward_pallas if implementation == "pallas" else attention_backward_reference
+    return backward(q_BTNK, k_BSHK, v_BSHK, lse_BNT, d_out_BTNK, delta_BNT, causal=causal, sm_scale=sm_scale)
+
+
 def _check_shapes(q, k, v) -> None:
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(
@@ -80,6 +122,6 @@ def _check_shapes(q, k, v) -> None:
 
 
 __all__ = [
-    "attention", "attention_reference", "attention_pallas", "BlockSizes",
+    "attention", "attention_backward", "attention_backward_stats", "attention_reference", "attention_pallas", "BlockSizes",
     "default_implementation", "IMPLEMENTATIONS",
 ]

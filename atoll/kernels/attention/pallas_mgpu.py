@@ -801,3 +801,27 @@ def attention_pallas(
     out, lse = _flash(q_p, k_p, v_p, q_seg, kv_seg, st, bs, interpret)
     out, lse = out[:, :T], lse[:, :, :T]
     return (out, lse) if return_lse else out
+
+
+def attention_backward_pallas(q_BTNK, k_BSHK, v_BSHK, lse_BNT, d_out_BTNK, delta_BNT, *, causal=False,
+                              sm_scale=None, block_sizes: BlockSizes | None = None, interpret: bool | None = None):
+    """The dQ and dK/dV kernels from saved statistics (see attention_backward_reference).
+    Returns gradients in q's dtype."""
+    check_supported(q_BTNK, k_BSHK)
+    bs = block_sizes or BlockSizes()
+    interpret = jax.default_backend() != "gpu" if interpret is None else interpret
+    B, T, N, K = q_BTNK.shape
+    S, H = k_BSHK.shape[1], k_BSHK.shape[2]
+    t_mult, s_mult = _padding(bs)
+    st = _Static(causal=bool(causal), has_segments=False, kv_len=S, q_len=T,
+                 scale=float(K**-0.5 if sm_scale is None else sm_scale), group=N // H)
+    q, d_out = _pad_to(q_BTNK, 1, t_mult), _pad_to(d_out_BTNK.astype(q_BTNK.dtype), 1, t_mult)
+    k, v = _pad_to(k_BSHK, 1, s_mult), _pad_to(v_BSHK, 1, s_mult)
+    # Padded query rows have dO = 0 and delta = 0, so their dS and dV terms are 0.
+    lse2 = _pad_to(jnp.where(lse_BNT == -jnp.inf, jnp.inf, lse_BNT * _LOG2E), 2, t_mult)
+    delta = _pad_to(delta_BNT.astype(jnp.float32), 2, t_mult)
+    dq = _dq_call(q, k, v, d_out, lse2, delta, None, None, st, bs, interpret)
+    if interpret:
+        dq, d_out = lax.optimization_barrier((dq, d_out))
+    dk, dv = _dkv_call(q, k, v, d_out, lse2, delta, None, None, st, bs, interpret)
+    return dq[:, :T], dk[:, :S], dv[:, :S]

@@ -76,3 +76,43 @@ def _split_segment_ids(segment_ids):
     if isinstance(segment_ids, (tuple, list)):
         return segment_ids[0], segment_ids[1]
     return segment_ids, segment_ids
+
+
+def attention_backward_reference(
+    q_BTNK: jax.Array,
+    k_BSHK: jax.Array,
+    v_BSHK: jax.Array,
+    lse_BNT: jax.Array,
+    d_out_BTNK: jax.Array,
+    delta_BNT: jax.Array,
+    *,
+    causal: bool = False,
+    sm_scale: float | None = None,
+):
+    """The flash-attention backward from saved statistics, in plain einsums.
+
+    With P = exp(q·kᵀ·scale − lse) and dS = P ∘ (dO·vᵀ − delta), returns
+    (dq, dk, dv) = (dS·k·scale, dSᵀ·q·scale, Pᵀ·dO), dk/dv summed over each kv
+    head's query heads. `lse` and `delta` may be global statistics of a longer
+    key sequence than this block (ring attention): then these are this block's
+    contributions. delta = rowsum(dO ∘ out) − dlse. Gradients in fp32."""
+    B, T, N, K = q_BTNK.shape
+    S, H = k_BSHK.shape[1], k_BSHK.shape[2]
+    G = N // H
+    scale = K**-0.5 if sm_scale is None else sm_scale
+    f32 = jnp.float32
+    q = q_BTNK.astype(f32).reshape(B, T, H, G, K)
+    k, v = k_BSHK.astype(f32), v_BSHK.astype(f32)
+    d_out = d_out_BTNK.astype(f32).reshape(B, T, H, G, K)
+    logits = jnp.einsum("bthgk,bshk->bhgts", q, k) * f32(scale)
+    mask = attention_mask_BTS(T, S, causal=causal)
+    lse = lse_BNT.astype(f32).reshape(B, H, G, T)
+    p = jnp.exp(logits - jnp.where(lse == -jnp.inf, jnp.inf, lse)[..., None])
+    if mask is not None:
+        p = jnp.where(mask[:, None, None], p, 0.0)
+    dp = jnp.einsum("bthgk,bshk->bhgts", d_out, v)
+    ds = p * (dp - delta_BNT.astype(f32).reshape(B, H, G, T)[..., None])
+    dq = jnp.einsum("bhgts,bshk->bthgk", ds, k).reshape(B, T, N, K) * scale
+    dk = jnp.einsum("bhgts,bthgk->bshk", ds, q) * scale
+    dv = jnp.einsum("bhgts,bthgk->bshk", p, d_out)
+    return dq, dk, dv
