@@ -45,6 +45,10 @@ class TransformerConfig:
     remat: str = "none"
     init_std: float = 0.02
     moe: MoeConfig = MoeConfig()  # num_experts > 0: every moe.every-th block's FFN is an MoE layer
+    # None | all_gather | ring | tokenring: how attention runs over a sequence split along the
+    # `context` mesh axis. The model only records it; parallel/context_lm.py builds the
+    # `attention_fn` that does it (None there: XLA partitions plain attention on its own).
+    context_parallel: str | None = None
 
     @classmethod
     def from_dict(cls, d) -> "TransformerConfig":
@@ -117,7 +121,15 @@ class Linear(nn.Module):
 
 
 class Attention(nn.Module):
+    """Grouped-query self-attention with rotary positions.
+
+    `attention_fn(q, k, v, *, causal, implementation)` replaces the plain
+    attention call (parallel/context_lm.py: context parallelism); it sees the
+    same full-sequence arrays and must return what plain attention would for
+    the layout the caller feeds the model."""
+
     cfg: TransformerConfig
+    attention_fn: Callable | None = None
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
@@ -132,7 +144,8 @@ class Attention(nn.Module):
         q_BTNK = nn.with_logical_constraint(q_BTNK, ("act_batch", "act_length", "act_heads", None))
         k_BTHK = nn.with_logical_constraint(k_BTHK, ("act_batch", "act_length", "act_kv_heads", None))
         v_BTHK = nn.with_logical_constraint(v_BTHK, ("act_batch", "act_length", "act_kv_heads", None))
-        o_BTNK = attention(q_BTNK, k_BTHK, v_BTHK, causal=True, implementation=c.attention_impl)
+        attend = attention if self.attention_fn is None else self.attention_fn
+        o_BTNK = attend(q_BTNK, k_BTHK, v_BTHK, causal=True, implementation=c.attention_impl)
         out_std = c.init_std / (2 * c.num_layers) ** 0.5  # residual-branch scaling (GPT-2)
         return lin("btnk,nkd->btd", (N, K, D), ("heads", "head_dim", "embed"), out_std, name="o")(o_BTNK)
 
@@ -158,11 +171,13 @@ class Block(nn.Module):
     cfg: TransformerConfig
     moe: bool = False  # an MoE FFN (core/moe.py) instead of the dense one
     expert_fn: Callable | None = None
+    attention_fn: Callable | None = None
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, rope: tuple[jax.Array, jax.Array]):
         c = self.cfg
-        x_BTD = x_BTD + Attention(c, name="attn")(RMSNorm(c.norm_eps, c.dtype, name="attn_norm")(x_BTD), rope)
+        attn = Attention(c, self.attention_fn, name="attn")
+        x_BTD = x_BTD + attn(RMSNorm(c.norm_eps, c.dtype, name="attn_norm")(x_BTD), rope)
         h_BTD = RMSNorm(c.norm_eps, c.dtype, name="mlp_norm")(x_BTD)
         if self.moe:
             ffn = MoeFfn(c.d_model, c.mlp_dim, c.moe, c.init_std, c.init_std / (2 * c.num_layers) ** 0.5, c.dtype,
@@ -180,12 +195,14 @@ class BlockGroup(nn.Module):
 
     cfg: TransformerConfig
     expert_fn: Callable | None = None
+    attention_fn: Callable | None = None
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, rope: tuple[jax.Array, jax.Array]):
         every = self.cfg.moe.every
         for j in range(every):
-            x_BTD, _ = Block(self.cfg, j == every - 1, self.expert_fn, name=f"block_{j}")(x_BTD, rope)
+            x_BTD, _ = Block(self.cfg, j == every - 1, self.expert_fn, self.attention_fn,
+                             name=f"block_{j}")(x_BTD, rope)
         return x_BTD, None
 
 
@@ -200,10 +217,13 @@ def _remat_policy(name: str):
 class Transformer(nn.Module):
     cfg: TransformerConfig
     expert_fn: Callable | None = None  # MoE experts on their slots; None = this device (see core/moe.py)
+    attention_fn: Callable | None = None  # attention over a split sequence; None = plain (see Attention)
 
     @nn.compact
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
-        """Token ids [B, T] -> next-token logits [B, T, V] in float32."""
+        """Token ids [B, T] -> next-token logits [B, T, V] in float32. positions_BT
+        (broadcastable to [B, T]): each token's place in its sequence, for tokens
+        fed in another order (context parallelism's zig-zag layout); default 0..T-1."""
         c = self.cfg
         if positions_BT is None:
             positions_BT = jnp.arange(tokens_BT.shape[1])[None]
@@ -230,14 +250,16 @@ class Transformer(nn.Module):
                 length=c.num_layers // c.moe.every if grouped else c.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            args = (c, self.expert_fn) if grouped else (c, c.moe.enabled, self.expert_fn)
+            args = ((c, self.expert_fn, self.attention_fn) if grouped
+                    else (c, c.moe.enabled, self.expert_fn, self.attention_fn))
             x_BTD, _ = stack(*args, name="blocks")(x_BTD, rope)
         else:
             block = Block
             if c.remat != "none":
                 block = nn.remat(Block, policy=_remat_policy(c.remat), prevent_cse=True)
             for i in range(c.num_layers):
-                x_BTD, _ = block(c, c.is_moe_block(i), self.expert_fn, name=f"block_{i}")(x_BTD, rope)
+                x_BTD, _ = block(c, c.is_moe_block(i), self.expert_fn, self.attention_fn,
+                                 name=f"block_{i}")(x_BTD, rope)
 
         x_BTD = RMSNorm(c.norm_eps, c.dtype, name="final_norm")(x_BTD)
         if c.tie_embeddings:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
@@ -29,8 +30,8 @@ from atoll.core import flops, optim
 from atoll.core.transformer import Transformer, TransformerConfig, count_params
 from atoll.data import text
 from atoll.experiments import outputs
-from atoll.parallel import (checkpoint, collectives, distributed, experts, islands, mesh as mesh_lib, runtime,
-                            sharding, train_state)
+from atoll.parallel import (checkpoint, collectives, context_lm, distributed, experts, islands, mesh as mesh_lib,
+                            runtime, sharding, train_state)
 
 _CONFIG = config_flags.DEFINE_config_file("config", "atoll/configs/lm.py:tiny", "LM config file[:variant].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs and checkpoints.")
@@ -46,6 +47,8 @@ _FRESH_ISLANDS = flags.DEFINE_bool(
 
 # Fields that fix the shapes of the saved state: a workdir's checkpoints only fit these.
 _STATE_FIELDS = ("model", "outer")
+# ... except these, which only place the same state's computation (like config.mesh).
+_PLACEMENT_FIELDS = ("model.context_parallel",)
 
 
 def _check_workdir_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
@@ -60,7 +63,7 @@ def _check_workdir_config(workdir: Path, config: ml_collections.ConfigDict) -> N
         f"{section}.{k}: {saved.get(section, {}).get(k)!r} -> {now[section].get(k)!r}"
         for section in _STATE_FIELDS
         for k in sorted(set(saved.get(section, {})) | set(now[section]))
-        if saved.get(section, {}).get(k) != now[section].get(k)
+        if saved.get(section, {}).get(k) != now[section].get(k) and f"{section}.{k}" not in _PLACEMENT_FIELDS
     ]
     if diffs:
         raise ConfigError(
@@ -87,11 +90,31 @@ def _check_against_mesh(config, mesh) -> None:
     if config.model.d_model % sizes["fsdp"]:
         raise ConfigError(f"config.model.d_model = {config.model.d_model} must be divisible by "
                           f"mesh fsdp = {sizes['fsdp']}")
-    if config.model.attention_impl == "pallas" and mesh.size > 1:
+    C = sizes["context"]
+    if config.model.context_parallel is not None and C > 1 and config.data.seq_len % (2 * C):
         raise ConfigError(
-            f"config.model.attention_impl = 'pallas' runs on one device for now: XLA cannot split its kernels "
-            f"over a mesh of {mesh.size} devices and would gather every input. Use 'cudnn' (or None) on a "
-            "multi-device mesh until the kernels are wrapped in shard_map (context-parallelism issue)")
+            f"config.data.seq_len = {config.data.seq_len} must be a multiple of 2 × mesh context = {2 * C}: "
+            f"config.model.context_parallel = {config.model.context_parallel!r} gives each of the {C} devices "
+            "two chunks of the sequence (zig-zag layout)")
+    in_shard_map = config.model.context_parallel is not None and C > 1
+    if config.model.attention_impl == "pallas" and mesh.size > 1 and not in_shard_map:
+        raise ConfigError(
+            f"config.model.attention_impl = 'pallas' on a mesh of {mesh.size} devices needs "
+            "config.model.context_parallel (and mesh context > 1): XLA cannot split the kernels itself and would "
+            "gather every input; context parallelism runs them per device inside shard_map. Otherwise use "
+            "'cudnn' (or None) on a multi-device mesh")
+
+
+def _context_bytes(config, mesh) -> dict | None:
+    """What one device sends per attention layer and train step under config.model.context_parallel
+    (None without a strategy; zeros on a context axis of 1)."""
+    m = config.model
+    if m.context_parallel is None:
+        return None
+    return context_lm.bytes_per_layer(
+        m.context_parallel, mesh_lib.mesh_sizes(mesh), batch_size=config.train.batch_size,
+        seq_len=config.data.seq_len, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
+        dtype_bytes=jnp.dtype(m.dtype).itemsize)
 
 
 def _global_batch(local_BT: np.ndarray, mesh) -> jax.Array:
@@ -254,7 +277,14 @@ def train(
         raise ConfigError(f"config.model.vocab_size = {c.vocab_size} is smaller than the data's "
                           f"vocabulary ({corpus.vocab_size} tokens in {corpus.source})")
     model_config = TransformerConfig.from_dict(c)
-    model = Transformer(model_config, expert_fn=experts.expert_fn_for(mesh))
+    model = Transformer(model_config, expert_fn=experts.expert_fn_for(mesh),
+                        attention_fn=context_lm.attention_fn_for(mesh, model_config.context_parallel))
+    context_bytes = _context_bytes(config, mesh)
+    if context_bytes is not None and outputs.is_writer():
+        print(f"context parallelism: {c.context_parallel} over {mesh_lib.mesh_sizes(mesh)['context']} devices, "
+              f"{context_bytes['total'] / 2**20:.2f} MiB sent per device per attention layer and step "
+              f"(forward {context_bytes['forward'] / 2**20:.2f}, backward {context_bytes['backward'] / 2**20:.2f})",
+              flush=True)
     moe_blocks = model_config.moe_blocks()
     tx, schedule = optim.adamw_from_config(t)
     seq_len = config.data.seq_len
@@ -379,6 +409,8 @@ def train(
             summary["island_schedule"] = {
                 "speeds": lm_config.island_speeds(config), "mode": config.outer.heterogeneity,
                 "steps_per_period": list(island_plan.steps_M), "rounds_per_period": list(island_plan.rounds_M)}
+    if context_bytes is not None:
+        summary.update(context_parallel=c.context_parallel, context_bytes_per_device_per_layer=context_bytes)
     outputs.write_json(workdir / "summary.json", summary)
     if moe_blocks:
         outputs.plot_routing(workdir)

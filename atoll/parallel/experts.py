@@ -17,13 +17,13 @@ groups, and names the `expert` axis it communicates over.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-import flax.linen as nn
 import jax
 from jax.sharding import PartitionSpec as P
 
 from atoll.core import moe
+from atoll.parallel import sharding
 
 EXPERT_AXIS = "expert"
 
@@ -59,24 +59,6 @@ def all_to_all_bytes(G: int, E: int, C: int, D: int, dtype_bytes: int, n: int) -
     return 2 * (n - 1) * G * (E // n) * C * D * dtype_bytes
 
 
-def _rule_axes(logical: str, sizes: dict[str, int]) -> tuple[str, ...]:
-    """The mesh axes the active flax logical rules give `logical` (none outside a rules context)."""
-    axes = nn.logical_to_mesh_axes((logical,))[0]
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    return tuple(a for a in axes if a in sizes)
-
-
-def _dividing(axes: Sequence[str], sizes: dict[str, int], dim: int) -> tuple[str, ...]:
-    """The axes (in order) that together split `dim` evenly; shard_map, unlike a
-    sharding constraint, cannot pad, and an axis left out only replicates work."""
-    kept, product = [], 1
-    for a in axes:
-        if dim % (product * sizes[a]) == 0:
-            kept.append(a)
-            product *= sizes[a]
-    return tuple(kept)
-
-
 def expert_parallel_ffn(buffer_GECD: jax.Array, w: moe.ExpertWeights) -> jax.Array:
     """`moe.expert_ffn` with the experts split over the `expert` mesh axis.
 
@@ -98,9 +80,9 @@ def expert_parallel_ffn(buffer_GECD: jax.Array, w: moe.ExpertWeights) -> jax.Arr
         return moe.expert_ffn(buffer_GECD, w)
     G, E, _, _ = buffer_GECD.shape
     check_expert_mesh(E, mesh)
-    batch = _dividing(_rule_axes("act_batch", sizes), sizes, G)
-    free = [a for a in _rule_axes("expert_mlp", sizes) if a != EXPERT_AXIS and a not in batch]
-    hidden = _dividing(free, sizes, w.gate_EDF.shape[-1])
+    batch = sharding.dividing_axes(sharding.rule_axes("act_batch", sizes), sizes, G)
+    free = [a for a in sharding.rule_axes("expert_mlp", sizes) if a != EXPERT_AXIS and a not in batch]
+    hidden = sharding.dividing_axes(free, sizes, w.gate_EDF.shape[-1])
     f = hidden or None
     # The embed dim is left out of the specs: FSDP-sharded weights are gathered on entry, as a dense layer's are.
     w_specs = moe.ExpertWeights(P(EXPERT_AXIS, None, f), P(EXPERT_AXIS, None, f), P(EXPERT_AXIS, f, None))

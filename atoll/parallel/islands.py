@@ -32,7 +32,6 @@ counter on the device, so no host input and no recompilation per round.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any
 

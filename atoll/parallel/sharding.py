@@ -9,6 +9,8 @@ activations' embed dimension stays whole.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import flax.linen as nn
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -75,3 +77,21 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def rule_axes(logical: str, sizes: dict[str, int]) -> tuple[str, ...]:
+    """The mesh axes the active flax logical rules give `logical` (none outside a rules context)."""
+    axes = nn.logical_to_mesh_axes((logical,))[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return tuple(a for a in axes if a in sizes)
+
+
+def dividing_axes(axes: Sequence[str], sizes: dict[str, int], dim: int) -> tuple[str, ...]:
+    """The axes (in order) that together split `dim` evenly; shard_map, unlike a
+    sharding constraint, cannot pad, and an axis left out only replicates work."""
+    kept, product = [], 1
+    for a in axes:
+        if dim % (product * sizes[a]) == 0:
+            kept.append(a)
+            product *= sizes[a]
+    return tuple(kept)

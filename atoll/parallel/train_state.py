@@ -18,7 +18,7 @@ import optax
 
 from atoll.core import moe
 from atoll.core.transformer import next_token_loss
-from atoll.parallel import sharding
+from atoll.parallel import context_lm, sharding
 
 State = dict[str, Any]
 
@@ -59,17 +59,25 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, mesh, seq_len
         return init(rng)
 
 
+def model_batch(model: nn.Module, tokens_BT1: jax.Array):
+    """(inputs, targets, positions or None) of windows of T+1 tokens, in the
+    token order the model takes (context parallelism: zig-zag)."""
+    return context_lm.lm_batch(tokens_BT1, context_lm.layout_context(model))
+
+
 def loss_fn(model: nn.Module, params, tokens_BT1: jax.Array) -> jax.Array:
     """Next-token loss on windows of T+1 tokens (what evaluation reports)."""
-    logits_BTV = model.apply({"params": params}, tokens_BT1[:, :-1])
-    return next_token_loss(logits_BTV, tokens_BT1[:, 1:])
+    inputs_BT, targets_BT, positions_BT = model_batch(model, tokens_BT1)
+    logits_BTV = model.apply({"params": params}, inputs_BT, positions_BT)
+    return next_token_loss(logits_BTV, targets_BT)
 
 
 def train_loss_fn(model: nn.Module, params, tokens_BT1: jax.Array):
     """(next-token loss + MoE auxiliary losses, (next-token loss, what the MoE
     layers recorded)). A dense model records nothing and adds 0."""
-    logits_BTV, recorded = model.apply({"params": params}, tokens_BT1[:, :-1], mutable=list(moe.COLLECTIONS))
-    ce = next_token_loss(logits_BTV, tokens_BT1[:, 1:])
+    inputs_BT, targets_BT, positions_BT = model_batch(model, tokens_BT1)
+    logits_BTV, recorded = model.apply({"params": params}, inputs_BT, positions_BT, mutable=list(moe.COLLECTIONS))
+    ce = next_token_loss(logits_BTV, targets_BT)
     return ce + moe.aux_loss(recorded), (ce, recorded)
 
 

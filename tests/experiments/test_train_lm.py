@@ -132,6 +132,7 @@ def test_a_new_process_resumes_to_the_same_params(tmp_path):
     ("train.lr", -1.0, "config.train.lr = -1.0 must be a positive number"),
     ("data.val_fraction", 0.9, "config.data.val_fraction = 0.9 must lie in"),
     ("model.attention_impl", "pallas", "config.model.attention_impl = 'pallas' needs model.dtype bfloat16"),
+    ("model.context_parallel", "ringg", "config.model.context_parallel = 'ringg' is not allowed"),
 ])
 def test_validation_names_the_field(field, value, message):
     c = lm.get_config("tiny")
@@ -147,7 +148,7 @@ def test_pallas_attention_refuses_a_multi_device_mesh(tmp_path):
     c.model.attention_impl = "pallas"
     lm.validate(c)
     c.mesh.update(data=2)
-    with pytest.raises(ConfigError, match="runs on one device for now"):
+    with pytest.raises(ConfigError, match="needs config.model.context_parallel"):
         train(c, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
 

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from atoll.kernels import attention, attention_reference
+from atoll.kernels import attention
 from atoll.kernels.attention import default_implementation
 
 

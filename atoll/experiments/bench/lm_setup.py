@@ -9,7 +9,7 @@ import numpy as np
 from atoll.configs import lm as lm_config
 from atoll.core import optim
 from atoll.core.transformer import Transformer, TransformerConfig
-from atoll.parallel import mesh as mesh_lib, sharding, train_state
+from atoll.parallel import context_lm, mesh as mesh_lib, sharding, train_state
 
 
 def random_batches(n: int, batch: int, seq_len: int, vocab: int, sharding_=None) -> list[jax.Array]:
@@ -28,7 +28,7 @@ def lm_train_setup(config):
     lm_config.validate(config)
     c, t = TransformerConfig.from_dict(config.model), config.train
     mesh = mesh_lib.make_mesh(dict(config.mesh))
-    model = Transformer(c)
+    model = Transformer(c, attention_fn=context_lm.attention_fn_for(mesh, c.context_parallel))
     tx, _ = optim.adamw_from_config(t)
     state = train_state.init_state(model, tx, mesh, config.data.seq_len, jax.random.key(0))
     step = train_state.make_train_step(model, tx, mesh, config.data.seq_len)

@@ -35,7 +35,6 @@ A rerun with the same --out keeps finished runs (delete DIR/runs/NAME to redo on
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from absl import app
