@@ -1,0 +1,1 @@
+"""Simulated robot tasks: a JAX-native task suite (`jax_tasks`)."""
