@@ -50,3 +50,13 @@ def corpus_cache(tmp_path_factory):
     path = os.environ.get("ATOLL_TEST_CACHE") or str(tmp_path_factory.mktemp("atoll-cache"))
     os.environ["ATOLL_CACHE"] = path
     return path
+
+
+@pytest.fixture
+def compile_fast():
+    """XLA with most optimizations off, for tests whose time is compiling many small
+    programs (interpreted kernels, shard_map blocks, short training loops)."""
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)

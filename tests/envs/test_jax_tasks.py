@@ -8,6 +8,8 @@ import pytest
 
 from atoll.envs import jax_tasks as jt
 
+pytestmark = pytest.mark.usefixtures("compile_fast")  # rollouts compile in seconds and run in milliseconds
+
 E = 1024  # episodes per measurement
 MAX_DELAY = 10
 

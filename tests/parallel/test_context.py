@@ -12,13 +12,7 @@ B, T, N, H, K = 2, 64, 4, 2, 16
 SPEC = jax.P(None, "context")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _compile_fast():
-    """These programs are many small blocks; XLA's optimizations cost more than they save here."""
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("compile_fast")  # many small shard_map blocks to compile
 
 
 def _inputs(dtype=jnp.float32):
@@ -81,7 +75,10 @@ def _reference(causal):
 def test_every_strategy_equals_single_device_attention(C, causal):
     want_out, want_lse, want_grads = _reference(causal)
     results = {}
-    for strategy in cp.STRATEGIES:
+    # all_gather's causal path is C-independent code (a scan over gathered blocks, autodiff
+    # backward) and the slowest to compile: once at C = 4; ring and TokenRing at every C.
+    strategies = cp.STRATEGIES if (C == 4 or not causal) else ("ring", "tokenring")
+    for strategy in strategies:
         out, lse, grads = _run(C, strategy, causal)
         np.testing.assert_allclose(out, want_out, atol=2e-5, rtol=2e-5, err_msg=strategy)
         np.testing.assert_allclose(lse, want_lse, atol=2e-5, rtol=2e-5, err_msg=strategy)
