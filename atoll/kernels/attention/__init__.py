@@ -50,13 +50,7 @@ def attention(
 ):
     """Scaled dot-product attention; see the module docstring for the contract."""
     _check_shapes(q_BTNK, k_BSHK, v_BSHK)
-    if implementation is None:
-        implementation = default_implementation(q_BTNK.dtype)
-    if implementation not in _BACKENDS:
-        raise ValueError(
-            f"attention implementation {implementation!r} is unknown; "
-            f"choose one of {list(IMPLEMENTATIONS)} or None (automatic)"
-        )
+    implementation = _resolve(implementation, q_BTNK.dtype)
     return _BACKENDS[implementation](
         q_BTNK, k_BSHK, v_BSHK, causal=causal, segment_ids=segment_ids,
         sm_scale=sm_scale, return_lse=return_lse,
@@ -94,15 +88,21 @@ def attention_backward_stats(q_BTNK, k_BSHK, v_BSHK, lse_BNT, d_out_BTNK, delta_
                              sm_scale=None, implementation=None):
     """`attention_backward` with delta = rowsum(dO ∘ out) − dlse given instead of out."""
     _check_shapes(q_BTNK, k_BSHK, v_BSHK)
+    implementation = _resolve(implementation, q_BTNK.dtype)
+    backward = attention_backward_pallas if implementation == "pallas" else attention_backward_reference
+    return backward(q_BTNK, k_BSHK, v_BSHK, lse_BNT, d_out_BTNK, delta_BNT, causal=causal, sm_scale=sm_scale)
+
+
+def _resolve(implementation: str | None, dtype) -> str:
+    """The backend to run: the platform's default for None; a clear error for an unknown name."""
     if implementation is None:
-        implementation = default_implementation(q_BTNK.dtype)
+        return default_implementation(dtype)
     if implementation not in _BACKENDS:
         raise ValueError(
             f"attention implementation {implementation!r} is unknown; "
             f"choose one of {list(IMPLEMENTATIONS)} or None (automatic)"
         )
-    backward = attention_backward_pallas if implementation == "pallas" else attention_backward_reference
-    return backward(q_BTNK, k_BSHK, v_BSHK, lse_BNT, d_out_BTNK, delta_BNT, causal=causal, sm_scale=sm_scale)
+    return implementation
 
 
 def _check_shapes(q, k, v) -> None:
