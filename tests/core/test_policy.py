@@ -6,7 +6,6 @@ import pytest
 
 from atoll.core import diffusion, policy
 
-pytestmark = pytest.mark.usefixtures("compile_fast")  # compiling the networks dominates
 
 
 def numpy_params(model, *args):

@@ -95,7 +95,7 @@ def test_model_and_mesh_must_agree():
         context_lm.ContextAttention("rings", 4)
 
 
-def test_train_run_reports_context_bytes(tmp_path, compile_fast):
+def test_train_run_reports_context_bytes(tmp_path):
     c = lm.get_config("long")  # shrunk: ring over context 4 × data 2
     c.model.update(d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
     c.data.seq_len = 128

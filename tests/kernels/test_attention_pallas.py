@@ -22,7 +22,6 @@ from atoll.kernels.attention import BlockSizes, attention_pallas, pallas_mgpu
 
 from tests.kernels.test_attention import naive_attention
 
-pytestmark = pytest.mark.usefixtures("compile_fast")  # each interpreted kernel thread is a compiled program
 
 
 def _inputs(seed, B, T, S, N, H, K, dtype):

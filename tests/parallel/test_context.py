@@ -12,7 +12,6 @@ B, T, N, H, K = 2, 64, 4, 2, 16
 SPEC = jax.P(None, "context")
 
 
-pytestmark = pytest.mark.usefixtures("compile_fast")  # many small shard_map blocks to compile
 
 
 def _inputs(dtype=jnp.float32):
