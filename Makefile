@@ -11,7 +11,7 @@ WORKDIR ?= runs/demo
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,robot]'
 	touch $(STAMP)
 
 # The main job: train the tiny LM on the embedded corpus (the running Python's

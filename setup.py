@@ -24,8 +24,9 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        # Meta-World and the policy server arrive with the robot-policy issues.
-        "robot": ["websockets>=12", "msgpack>=1.0"],
+        # Meta-World v3 (state observations, scripted experts) pins its MuJoCo;
+        # the policy server's wire format and transport.
+        "robot": ["metaworld==3.1.1", "gymnasium>=1.1", "websockets>=12", "msgpack>=1.0"],
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
     },
 )

@@ -1,6 +1,8 @@
 """The notebooks run end to end (at a tiny size, through their ATOLL_NOTEBOOK_* variables)."""
 
+import json
 import os
+import re
 from pathlib import Path
 
 import nbformat
@@ -40,3 +42,21 @@ def test_low_communication_notebook_runs(tmp_path, monkeypatch):
     assert "ddp" in table and "diloco H=4" in table and "streaming fp4 H=4" in table, table
     for name in ("ddp", "diloco_H4", "streaming_fp4_H4"):
         assert (tmp_path / "runs" / name / "summary.json").exists(), name
+
+
+def test_robot_policy_notebook_runs(tmp_path, monkeypatch):
+    # One CPU device in the kernel, as in Colab: replicating the rollouts and the
+    # checkpoint over the suite's 8 fake devices only costs time on 2 cores.
+    monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "1")
+    monkeypatch.setenv("XLA_FLAGS", re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                                           os.environ.get("XLA_FLAGS", "")).strip())
+    cells = _run_notebook("robot_policy.ipynb", tmp_path, monkeypatch, VARIANT="tiny", STEPS="60", EPISODES="16",
+                          SWEEP="2,4", WORKDIR=str(tmp_path / "run"))
+    text = _text(cells)
+    assert "[CpuDevice(id=0)]" in text, text[:200]
+    assert "finished at step 60" in text and "policy: success" in text and "expert: success" in text, text
+    assert "s = 2: success" in text and "s = 4: success" in text, _text(cells[-1:])
+    figures = [o for c in cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(figures) == 4, [list(o.get("data", {})) for c in cells for o in c.get("outputs", [])]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["step"] == 60 and summary["eval_episodes"] == 16 and 0.0 <= summary["success"] <= 1.0

@@ -1,1 +1,1 @@
-"""Text corpora, token stores and batch iterators."""
+"""Text corpora, token stores and batch iterators (`text`); robot demo datasets (`demos`)."""

@@ -63,6 +63,9 @@ and length (steps until success first held, else max_steps) and, on request,
 the trajectory. policy_fn(obs_D, key) -> action_A is called every step;
 stateful policies (chunk queues, delay buffers) and traced parameters are
 supported, see `scan_episode`. `expert_policy(task)` wraps the expert.
+`chunked_rollout` runs a chunk policy receding-horizon (predict H actions from
+the last T_o observations, execute s, replan), batched over episodes, on the
+same episodes `rollout` draws; `expert_demos` keeps the expert's successes.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ from typing import Any, Callable, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Column ranges of the observation vector, shared by both tasks.
 OBS_LAYOUT = {"pos": slice(0, 2), "vel": slice(2, 4), "target_pos": slice(4, 6), "target_vel": slice(6, 8)}
@@ -461,3 +465,88 @@ def expert_policy(task: Task) -> Callable[[jax.Array, jax.Array], jax.Array]:
 @functools.lru_cache(maxsize=None)
 def _expert_policy(task: Task):
     return lambda obs_D, key: task.expert(obs_D)
+
+
+# ------------------------------------------------------- receding-horizon chunks
+
+ChunkFn = Callable[[Any, jax.Array, jax.Array], jax.Array]  # (weights, obs_ETO, key) -> actions_EHA
+
+
+@functools.partial(jax.jit, static_argnames=("task", "act_fn", "num_episodes", "obs_horizon", "execute_steps",
+                                             "trajectory"))
+def chunked_rollout(
+    task: Task,
+    act_fn: ChunkFn,
+    key: jax.Array,
+    num_episodes: int,
+    *,
+    weights: Any,
+    obs_horizon: int,
+    execute_steps: int,
+    trajectory: bool = False,
+) -> Episodes:
+    """Receding-horizon execution of a chunk policy on num_episodes episodes at once.
+
+    Every execute_steps (s) steps the policy sees the last obs_horizon
+    observations of each episode (the first one repeated at the start) and
+    returns a chunk of H >= s actions, batched: act_fn(weights, obs_ETO, key)
+    -> actions_EHA, one call for all episodes (the sampler runs once per
+    replan, not once per episode). The first s actions run open loop, then it
+    replans. Episodes are the ones `rollout` draws from the same key (same
+    resets, same action noise), so a chunk policy and the expert can be
+    compared episode by episode. Returns Episodes with a leading E axis.
+    """
+    T, s = task.max_steps, execute_steps
+    n_chunks = -(-T // s)
+    keys_E = jax.random.split(key, num_episodes)
+    split_EK = jax.vmap(lambda k: jax.random.split(k, 1 + 2 * T))(keys_E)
+    env_keys_TE = jnp.swapaxes(split_EK[:, 1:].reshape((num_episodes, T, 2) + split_EK.shape[2:])[:, :, 1], 0, 1)
+    pad = n_chunks * s - T  # steps past max_steps are computed and ignored
+    env_keys_CSE = jnp.concatenate([env_keys_TE, env_keys_TE[-1:].repeat(pad, 0)]).reshape(
+        (n_chunks, s) + env_keys_TE.shape[1:])
+    policy_keys_C = jax.random.split(jax.random.fold_in(key, 0x5EED), n_chunks)
+
+    state = jax.vmap(task.reset)(split_EK[:, 0])
+    obs_ED = jax.vmap(task.observe)(state)
+    hist_ETD = jnp.repeat(obs_ED[:, None], obs_horizon, axis=1)
+    success_E = jnp.zeros((num_episodes,), bool)
+    length_E = jnp.full((num_episodes,), T, jnp.int32)
+
+    def one_step(carry, inputs):
+        state, hist_ETD, success_E, length_E = carry
+        action_EA, env_keys_E, i = inputs
+        obs_ED = hist_ETD[:, -1]
+        new = jax.vmap(task.step)(state, action_EA, env_keys_E)
+        live = i < T
+        state = jax.tree.map(lambda a, b: jnp.where(live, a, b), new, state)
+        now_E = jax.vmap(task.success)(state) & live
+        length_E = jnp.where(now_E & ~success_E, i + 1, length_E)
+        success_E = success_E | now_E
+        hist_ETD = jnp.concatenate([hist_ETD[:, 1:], jax.vmap(task.observe)(state)[:, None]], axis=1)
+        return (state, hist_ETD, success_E, length_E), ((obs_ED, action_EA) if trajectory else None)
+
+    def one_chunk(carry, inputs):
+        env_keys_SE, policy_key, c = inputs
+        actions_EHA = act_fn(weights, carry[1], policy_key)
+        if actions_EHA.shape[1] < s:
+            raise ValueError(f"the policy returns chunks of {actions_EHA.shape[1]} actions but executes {s}")
+        steps = (jnp.swapaxes(actions_EHA[:, :s], 0, 1).astype(jnp.float32), env_keys_SE, c * s + jnp.arange(s))
+        return jax.lax.scan(one_step, carry, steps)
+
+    carry = (state, hist_ETD, success_E, length_E)
+    (_, _, success_E, length_E), traj = jax.lax.scan(
+        one_chunk, carry, (env_keys_CSE, policy_keys_C, jnp.arange(n_chunks)))
+    if not trajectory:
+        return Episodes(success_E, length_E)
+    obs_TED, actions_TEA = (x.reshape((n_chunks * s,) + x.shape[2:])[:T] for x in traj)
+    return Episodes(success_E, length_E, jnp.swapaxes(obs_TED, 0, 1), jnp.swapaxes(actions_TEA, 0, 1))
+
+
+def expert_demos(task: Task, key: jax.Array, num_episodes: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], float]:
+    """The expert's successful episodes from `rollout(task, expert, key, num_episodes)`,
+    each cut at its first success: a list of (obs_TD, actions_TA) numpy pairs, and
+    the expert's success rate over all num_episodes episodes."""
+    eps = jax.device_get(rollout(task, expert_policy(task), key, num_episodes, trajectory=True))
+    kept = [(np.asarray(eps.obs_TD[e, :n]), np.asarray(eps.actions_TA[e, :n]))
+            for e, n in enumerate(eps.length) if eps.success[e]]
+    return kept, float(np.mean(eps.success))

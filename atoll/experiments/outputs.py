@@ -50,12 +50,14 @@ def read_metrics(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def truncate_metrics(workdir: Path, after_step: int) -> None:
-    """Drops rows logged after `after_step` (a resumed run recomputes them)."""
+def truncate_metrics(workdir: Path, after_step: int, drop_at: tuple[str, ...] = ()) -> None:
+    """Drops rows logged after `after_step` (a resumed run recomputes them), and
+    rows at `after_step` holding any of the `drop_at` fields (ones it recomputes there too)."""
     path = Path(workdir) / "metrics.jsonl"
     if not path.exists() or not is_writer():
         return
-    rows = [r for r in read_metrics(workdir) if r["step"] <= after_step]
+    rows = [r for r in read_metrics(workdir)
+            if r["step"] < after_step or (r["step"] == after_step and not any(k in r for k in drop_at))]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 

@@ -8,7 +8,6 @@ import pytest
 
 from atoll.envs import jax_tasks as jt
 
-pytestmark = pytest.mark.usefixtures("compile_fast")  # rollouts compile in seconds and run in milliseconds
 
 E = 1024  # episodes per measurement
 MAX_DELAY = 10
@@ -247,3 +246,55 @@ def test_make_task_names_and_parameters_fail_clearly():
         jt.make_task("intercept", target_speed_min=1.0, target_speed_max=0.5)
     with pytest.raises(ValueError, match="required_fraction"):
         jt.make_task("waypoints", required_fraction=1.5)
+
+
+# ------------------------------------------------------- receding-horizon chunks
+
+
+def test_chunked_rollout_with_one_step_chunks_is_the_step_policy_rollout():
+    """s = H = 1 replans every step: the same episodes as `rollout` (same resets and
+    noise from the same key), step for step."""
+    task = jt.make_task("intercept", action_noise=0.1, max_steps=60)
+    key = jax.random.key(3)
+    ref = jt.rollout(task, jt.expert_policy(task), key, 16, trajectory=True)
+    act = lambda w, obs_ETO, k: jax.vmap(task.expert)(obs_ETO[:, -1])[:, None, :]  # noqa: E731
+    got = jt.chunked_rollout(task, act, key, 16, weights=None, obs_horizon=2, execute_steps=1, trajectory=True)
+    np.testing.assert_array_equal(got.success, ref.success)
+    np.testing.assert_array_equal(got.length, ref.length)
+    np.testing.assert_allclose(got.obs_TD, ref.obs_TD, atol=1e-6)
+
+
+def test_chunked_rollout_replans_every_s_steps_from_the_observation_history():
+    """A chunk of H = 6 actions, s = 4 executed: the policy is called at steps 0, 4, 8, ...
+    with the last T_o = 2 observations (the first repeated at the start); it returns
+    the expert's action on the *older* observation plus the chunk position, so the
+    executed actions show both when it replanned and what it saw."""
+    task = jt.make_task("waypoints", max_steps=30)  # 30 is not a multiple of s: the tail chunk is cut
+    H, s = 6, 4
+
+    def act(w, obs_ETO, k):
+        base = jax.vmap(task.expert)(obs_ETO[:, 0])
+        return base[:, None, :] + 0.01 * jnp.arange(H, dtype=jnp.float32)[None, :, None]
+
+    out = jt.chunked_rollout(task, act, jax.random.key(0), 8, weights=None, obs_horizon=2, execute_steps=s,
+                             trajectory=True)
+    obs, actions = np.asarray(out.obs_TD), np.asarray(out.actions_TA)  # [E, T, ...]
+    assert obs.shape == (8, 30, 8) and actions.shape == (8, 30, 2)
+    expert = np.asarray(jax.vmap(jax.vmap(task.expert))(jnp.asarray(obs)))
+    for t in range(30):
+        start = t - t % s
+        older = max(start - 1, 0)  # T_o = 2: the history at a replan is (obs[start-1], obs[start])
+        np.testing.assert_allclose(actions[:, t], expert[:, older] + 0.01 * (t - start), atol=1e-5)
+    with pytest.raises(ValueError, match="chunks of 2 actions but executes 4"):
+        jt.chunked_rollout(task, lambda w, o, k: jnp.zeros((o.shape[0], 2, 2)), jax.random.key(0), 2,
+                           weights=None, obs_horizon=1, execute_steps=4)
+
+
+def test_expert_demos_keep_successes_cut_at_their_first_success():
+    task = jt.make_task("intercept", max_steps=80)
+    key = jax.random.key(5)
+    kept, rate = jt.expert_demos(task, key, 12)
+    ref = jax.device_get(jt.rollout(task, jt.expert_policy(task), key, 12, trajectory=True))
+    assert rate == pytest.approx(float(np.mean(ref.success))) and len(kept) == int(ref.success.sum())
+    lengths = [int(n) for n, ok in zip(ref.length, ref.success) if ok]
+    assert [len(o) for o, _ in kept] == lengths and all(len(a) == len(o) for o, a in kept)

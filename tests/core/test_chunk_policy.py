@@ -1,0 +1,86 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from atoll.core import chunk_policy, policy
+
+
+def _exact_model(chunk_BHA, objective):
+    """The ideal denoiser when every training chunk equals `chunk_BHA` (a point mass):
+    flow's velocity is (x_1 − x_t) / (1 − t); diffusion's ε̂ follows from x_k and x_0."""
+    sched = objective.schedule_arrays() if objective.kind == "ddpm" else None
+
+    def apply(x, time, obs):
+        del obs
+        if objective.kind == "flow":
+            t = time[..., None]
+            return (chunk_BHA - x) / jnp.maximum(1 - t, 1e-3)
+        k = time.astype(jnp.int32)
+        ab = sched.alpha_bars_K[k][..., None]
+        return (x - jnp.sqrt(ab) * chunk_BHA) / jnp.sqrt(1 - ab)
+    return apply
+
+
+@pytest.mark.parametrize("objective", [
+    chunk_policy.Objective("flow", sample_steps=8),
+    chunk_policy.Objective("ddpm", sampler="ddim", sample_steps=10),
+    chunk_policy.Objective("ddpm", sampler="ddpm", diffusion_steps=50),
+], ids=["flow-euler", "ddpm-ddim", "ddpm-ancestral"])
+def test_samplers_land_on_the_chunk_an_exact_denoiser_knows(objective):
+    """With the exact denoiser for a single training chunk every sampler must return that
+    chunk; a wrong time convention, scale or sampler wiring lands elsewhere."""
+    chunk = jnp.asarray(np.random.default_rng(0).uniform(-0.9, 0.9, (3, 6, 2)), jnp.float32)
+    out = chunk_policy.sample_chunk(_exact_model(chunk, objective), objective, jnp.zeros((3, 2, 5)),
+                                    jax.random.key(0), 6, 2)
+    np.testing.assert_allclose(out, chunk, atol=2e-2)
+    # ... and its loss is (near) zero for that chunk, while a wrong model's is not
+    loss = chunk_policy.training_loss(_exact_model(chunk, objective), objective, chunk, jnp.zeros((3, 2, 5)),
+                                      jax.random.key(1))
+    wrong = chunk_policy.training_loss(_exact_model(-chunk, objective), objective, chunk, jnp.zeros((3, 2, 5)),
+                                       jax.random.key(1))
+    assert float(wrong) > 100 * max(float(loss), 1e-6)
+
+
+def test_objective_validation_and_network_evaluations():
+    assert chunk_policy.Objective("flow", sample_steps=7).network_evaluations == 7
+    assert chunk_policy.Objective("ddpm", sampler="ddpm", diffusion_steps=30).network_evaluations == 30
+    assert chunk_policy.Objective("flow").time_scale == 100.0
+    assert chunk_policy.Objective("ddpm").time_scale == 1.0
+    for bad, match in [({"kind": "gan"}, "objective 'gan'"), ({"sampler": "dpm"}, "sampler"),
+                       ({"prediction": "x0"}, "prediction"), ({"sample_steps": 0}, "at least 1"),
+                       ({"kind": "ddpm", "sample_steps": 200}, "cannot exceed")]:
+        with pytest.raises(ValueError, match=match):
+            chunk_policy.Objective(**bad)
+    with pytest.raises(ValueError, match="network 'mlp'"):
+        chunk_policy.make_denoiser("mlp", 2, chunk_policy.Objective())
+
+
+def test_history_pads_with_the_first_observation_and_shifts():
+    obs = np.arange(6, dtype=np.float32).reshape(2, 3)
+    hist = chunk_policy.history_init(obs, 3)
+    assert hist.shape == (2, 3, 3) and np.all(hist == obs[:, None])
+    hist = chunk_policy.history_push(hist, obs + 10)
+    np.testing.assert_array_equal(hist[:, :2], np.repeat(obs[:, None], 2, 1))
+    np.testing.assert_array_equal(hist[:, 2], obs + 10)
+    jhist = chunk_policy.history_push(chunk_policy.history_init(jnp.asarray(obs), 3), jnp.asarray(obs + 10))
+    assert isinstance(jhist, jax.Array)
+    np.testing.assert_array_equal(jhist, hist)
+
+
+def test_act_unnormalizes_what_the_sampler_returns():
+    """ChunkPolicy.act maps normalized chunks back to raw action units."""
+    obj = chunk_policy.Objective("flow", sample_steps=2)
+    model = chunk_policy.make_denoiser("dit", 2, obj, dim=16, depth=1, heads=2)
+    x = jnp.zeros((1, 4, 2))
+    params = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: model.init(jax.random.key(0), x, x[..., 0],
+                                                                             jnp.zeros((1, 2, 3)))))
+    pol = chunk_policy.ChunkPolicy(model, obj, obs_horizon=2, action_horizon=4, action_dim=2)
+    act_norm = policy.Normalizer(jnp.asarray([10.0, -5.0]), jnp.asarray([2.0, 0.5]))
+    weights = {"params": params, "obs_norm": chunk_policy.normalizer_tree(policy.Normalizer(jnp.zeros(3), jnp.ones(3))),
+               "act_norm": chunk_policy.normalizer_tree(act_norm)}
+    key = jax.random.key(3)
+    raw = pol.act(weights, jnp.zeros((5, 2, 3)), key)
+    # a zero network leaves the initial noise unchanged: raw = noise · scale + offset
+    noise = jax.random.normal(key, (5, 4, 2))
+    np.testing.assert_allclose(raw, noise * act_norm.scale_D + act_norm.offset_D, rtol=1e-5)

@@ -1,0 +1,125 @@
+"""train_policy / eval_policy on the JAX suite (Meta-World runs through the same
+code in test_reproduce_metaworld)."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from atoll.configs import policy as policy_config
+from atoll.configs.validation import ConfigError
+from atoll.experiments import eval_policy, train_policy
+from atoll.parallel import checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("tiny_policy")
+    return workdir, train_policy.train(policy_config.get_config("tiny"), workdir, progress=False)
+
+
+def test_tiny_flow_policy_learns_intercept(tiny_run):
+    workdir, summary = tiny_run
+    assert summary["finished"] and summary["expert_success"] >= 0.95
+    assert summary["success"] >= 0.8, summary
+    for name in ("config.json", "demos.json", "metrics.jsonl", "summary.json", "loss.png", "success.png"):
+        assert (workdir / name).exists(), name
+    rows = [json.loads(r) for r in (workdir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:2])
+    assert [r["step"] for r in rows if "success" in r] == [300, 600]
+
+
+def test_eval_reproduces_the_final_eval_and_is_deterministic(tiny_run):
+    """eval_policy from the checkpoint alone (EMA weights, normalizers, config) gives the
+    trainer's final figure on the same seed and episodes, and the same numbers twice."""
+    workdir, summary = tiny_run
+    kw = dict(checkpoint_path=str(workdir), step=None, policy_kind="checkpoint", task=None, suite=None,
+              episodes=summary["eval_episodes"], seeds=[summary["eval_seed"]], execute_steps=None, max_steps=None,
+              progress=False)
+    a = eval_policy.run(**kw)
+    assert a["success"] == summary["success"] and a["step"] == 600
+    b = eval_policy.run(**kw)
+    assert a["per_seed"] == b["per_seed"]
+    # other seeds are other episodes; open-loop execution of whole chunks changes the figure
+    c = eval_policy.run(**{**kw, "seeds": [1, 2], "episodes": 64, "execute_steps": 4})
+    assert [p["seed"] for p in c["per_seed"]] == [1, 2] and c["episodes"] == 128 and c["execute_steps"] == 4
+    lo, hi = c["success_ci95"]
+    assert lo <= c["success"] <= hi
+    with pytest.raises(eval_policy.EvalError, match="execute_steps = 5"):
+        eval_policy.run(**{**kw, "execute_steps": 5})
+    with pytest.raises(eval_policy.EvalError, match="not a train_policy workdir"):
+        eval_policy.run(**{**kw, "checkpoint_path": str(workdir / "tb")})
+
+
+def test_wilson_interval():
+    assert eval_policy.wilson_interval(0, 20)[0] == 0.0 and 0.1 < eval_policy.wilson_interval(0, 20)[1] < 0.2
+    lo, hi = eval_policy.wilson_interval(50, 100)
+    assert lo == pytest.approx(1 - hi) and 0.40 < lo < 0.41
+    assert eval_policy.wilson_interval(20, 20)[1] == 1.0
+
+
+def _small(steps=12):
+    c = policy_config.get_config("tiny")
+    c.train.steps, c.train.log_every, c.train.checkpoint_every = steps, 4, 100
+    c.eval.every, c.eval.episodes, c.eval.final_episodes = 100, 4, 4
+    c.data.num_demos, c.model.dim, c.model.depth = 8, 16, 1
+    c.mesh.data = -1  # data-parallel over the 8 test devices
+    return c
+
+
+def test_a_stopped_run_resumes_to_the_same_params(tmp_path):
+    straight = train_policy.train(_small(), tmp_path / "a", progress=False)
+    stopped = train_policy.train(_small(), tmp_path / "b", progress=False, stop_at_step=5)
+    assert stopped == {"step": 5, "finished": False}
+    resumed = train_policy.train(_small(), tmp_path / "b", progress=False)
+    assert resumed["resumed_from"] == 5 and straight["success"] == resumed["success"]
+    a = checkpoint.read_on_host(tmp_path / "a" / "checkpoints", 12)
+    b = checkpoint.read_on_host(tmp_path / "b" / "checkpoints", 12)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    steps = [json.loads(r)["step"] for r in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [4, 8, 12, 12]  # the loss rows, then the final eval; none twice
+
+    other = _small()
+    other.model.dim = 32
+    before = (tmp_path / "b" / "config.json").read_text()
+    with pytest.raises(ConfigError, match="different model.dim"):
+        train_policy.train(other, tmp_path / "b", progress=False)
+    assert (tmp_path / "b" / "config.json").read_text() == before
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("policy.execute_steps", 9, "at most config.policy.action_horizon"),
+    ("model.net", "mlp", "model.net"),
+    ("objective.kind", "gan", "objective.kind"),
+    ("env.suite", "robosuite", "env.suite"),
+    ("train.batch_size", 0, "train.batch_size"),
+])
+def test_bad_configs_name_the_field(tmp_path, field, value, match):
+    c = _small()
+    section, name = field.split(".")
+    c[section][name] = value
+    with pytest.raises(ConfigError, match=match):
+        train_policy.train(c, tmp_path / "w", progress=False)
+    assert not (tmp_path / "w").exists()
+
+
+def test_unet_horizon_and_batch_split_are_checked(tmp_path):
+    c = _small()
+    c.model.net, c.policy.action_horizon, c.policy.execute_steps = "unet", 6, 2
+    with pytest.raises(ConfigError, match="divisible by 4"):
+        train_policy.train(c, tmp_path / "w", progress=False)
+    c = _small()
+    c.train.batch_size = 12  # 8 test devices on mesh.data
+    with pytest.raises(ConfigError, match="divisible by the 8 devices"):
+        train_policy.train(c, tmp_path / "w", progress=False)
+
+
+def test_rerunning_a_finished_run_logs_its_final_eval_once(tiny_run):
+    workdir, summary = tiny_run
+    again = train_policy.train(policy_config.get_config("tiny"), workdir, progress=False)
+    assert again["resumed_from"] == 600 and again["success"] == summary["success"]
+    rows = [json.loads(r) for r in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "success" in r] == [300, 600]
