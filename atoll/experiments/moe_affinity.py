@@ -248,11 +248,7 @@ def plot_affinity(affinity_PEE: np.ndarray, path: str | Path, layers: list[int] 
     """One heatmap per adjacent MoE-layer pair (rows: expert at l, columns:
     expert at l+1, colour: P(column | row)), one colour scale for all;
     `layers` names the MoE layers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from atoll.experiments import outputs
     from atoll.experiments.reproduce.runs import save_figure
 
     affinity_PEE = np.asarray(affinity_PEE)
@@ -260,7 +256,7 @@ def plot_affinity(affinity_PEE: np.ndarray, path: str | Path, layers: list[int] 
     layers = list(range(P + 1)) if layers is None else list(layers)
     cols = min(P, 4)
     rows = math.ceil(P / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 0.8, 3.0 * rows), squeeze=False)
+    fig, axes = outputs.subplots(rows, cols, figsize=(3.2 * cols + 0.8, 3.0 * rows), squeeze=False)
     vmax = max(float(affinity_PEE.max()), 1e-9)
     for p, ax in enumerate(axes.flat):
         if p >= P:

@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def is_writer() -> bool:
@@ -68,19 +71,27 @@ def write_json(path: Path, obj: Any) -> None:
         tmp.replace(path)
 
 
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] | None = None,
+             **kw: Any) -> tuple[Figure, Any]:
+    """(figure, axes) as `plt.subplots` gives them, without pyplot: a bare
+    Figure, which `savefig` writes with no backend set, so plotting from a
+    notebook leaves its backend (inline display) alone. Nothing to close: it
+    goes with its last reference. `kw` goes to Figure.subplots (sharex,
+    squeeze, ...)."""
+    import matplotlib.figure
+
+    fig = matplotlib.figure.Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kw)
+
+
 def plot_loss(workdir: Path, *, unit: str, scale: float, bar: float | None, bar_label: str) -> Path | None:
     """Train and validation loss curves (in `unit`, i.e. nats × scale) as loss.png."""
     if not is_writer():
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = read_metrics(workdir)
     train = [(r["step"], r["loss"] * scale) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"] * scale) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    fig, ax = subplots(figsize=(6.4, 4))
     if train:
         ax.plot(*zip(*train), label="train", lw=1)
     if val:
@@ -95,7 +106,6 @@ def plot_loss(workdir: Path, *, unit: str, scale: float, bar: float | None, bar_
     out = workdir / "loss.png"
     fig.tight_layout()
     fig.savefig(out, dpi=120)
-    plt.close(fig)
     return out
 
 
@@ -122,12 +132,7 @@ def plot_routing(workdir: Path) -> Path | None:
     series = {field: routing_trajectory(rows, field) for field, _ in panels}
     if not any(series.values()):
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    fig, axes = subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     for ax, (field, label) in zip(axes, panels):
         for layer, points in series[field].items():
             ax.plot(*zip(*points), lw=1, label=layer)
@@ -140,7 +145,6 @@ def plot_routing(workdir: Path) -> Path | None:
     out = workdir / "routing.png"
     fig.tight_layout()
     fig.savefig(out, dpi=120)
-    plt.close(fig)
     return out
 
 

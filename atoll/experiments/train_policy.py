@@ -74,7 +74,7 @@ def jax_expert_demos(task: jax_tasks.Task, num_demos: int, seed: int) -> demos_l
     return demos_lib.from_episodes(kept[:num_demos], meta)
 
 
-def load_demos(config) -> demos_lib.Demos:
+def load_demos(config, progress: bool = True) -> demos_lib.Demos:
     if config.data.path:
         return demos_lib.load_demos(config.data.path)
     if config.env.suite == "jax":
@@ -85,7 +85,8 @@ def load_demos(config) -> demos_lib.Demos:
     cache = Path(config.data.cache_dir) if config.data.cache_dir else default_cache_dir()
     try:
         return metaworld.demos_cached(metaworld.canonical_name(config.env.task), config.data.num_demos,
-                                      config.data.seed, cache, max_steps=config.env.max_steps or 500)
+                                      config.data.seed, cache, max_steps=config.env.max_steps or 500,
+                                      progress=progress)
     except RuntimeError as e:  # the expert ran out of episodes: its measured rate is in the message
         raise DataError(str(e)) from e
 
@@ -198,12 +199,7 @@ def plot_success(workdir: Path, expert: float | None) -> Path | None:
     rows = [r for r in outputs.read_metrics(workdir) if "success" in r]
     if not rows or not outputs.is_writer():
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    fig, ax = outputs.subplots(figsize=(6.4, 4))
     steps = [r["step"] for r in rows]
     ax.plot(steps, [r["success"] for r in rows], "o-", label="policy (EMA)")
     ax.fill_between(steps, [r["success_lo"] for r in rows], [r["success_hi"] for r in rows], alpha=0.2,
@@ -219,7 +215,6 @@ def plot_success(workdir: Path, expert: float | None) -> Path | None:
     out = workdir / "success.png"
     fig.tight_layout()
     fig.savefig(out, dpi=120)
-    plt.close(fig)
     return out
 
 
@@ -241,7 +236,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
     _check_batch(config, mesh)
     workdir.mkdir(parents=True, exist_ok=True)
 
-    demos = load_demos(config)
+    demos = load_demos(config, progress)
     obs_norm = policy_nets.fit_normalizer(demos.obs_ND, config.normalizer)
     act_norm = policy_nets.fit_normalizer(demos.actions_NA, config.normalizer)
     obs_NTO, act_NHA = windows(demos, obs_norm, act_norm, config.policy.obs_horizon, config.policy.action_horizon)

@@ -184,12 +184,11 @@ def _markdown(results: dict) -> str:
 def _plot(results: dict, curves: dict, path: Path) -> None:
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from atoll.experiments import outputs
 
     models = list(results["setting"]["models"])
-    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4.6), squeeze=False)
-    colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    fig, axes = outputs.subplots(1, len(models), figsize=(5.2 * len(models), 4.6), squeeze=False)
+    colors = dict(zip(METHODS, matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]))
     for ax, model in zip(axes[0], models):
         for method in METHODS:
             gbit, util = curves[model][method]
@@ -209,7 +208,6 @@ def _plot(results: dict, curves: dict, path: Path) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=len(METHODS), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def reproduce(preset: str, out_dir: Path | str, progress: bool = True) -> dict[str, Any]:

@@ -121,12 +121,9 @@ def results_markdown(rows: list[dict], target: float, preset_name: str, preset: 
 
 
 def plot(out: Path, curves: dict[str, list[dict]], target: float) -> Path:
-    import matplotlib
+    from atoll.experiments import outputs
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax1, ax2) = outputs.subplots(1, 2, figsize=(12, 4.5))
     for name, pts in curves.items():
         ax1.plot([p["sim_seconds"] / 3600 for p in pts], [p["val_loss"] for p in pts], "o-", label=name, ms=3)
         ax2.plot([p["tokens"] / 1e6 for p in pts], [p["val_loss"] for p in pts], "o-", label=name, ms=3)

@@ -124,12 +124,9 @@ def results_markdown(rows: list[dict], chk: dict, preset: str) -> str:
 
 
 def plot(out: Path, curves: dict[str, list[dict]]) -> Path:
-    import matplotlib
+    from atoll.experiments import outputs
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax1, ax2) = outputs.subplots(1, 2, figsize=(12, 4.5))
     for name, rows in curves.items():
         pts = [r for r in rows if "val_loss" in r]
         if not pts:

@@ -420,15 +420,12 @@ def dp3_lines(results: dict) -> list[str]:
 def plot_success(out: Path, agg: dict, tasks: Sequence[str]) -> Path:
     """Per task, one bar per (objective, demos) with error bars over seeds, and the
     expert's rate on the same episodes as a black mark across the group."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from atoll.experiments import outputs
 
     combos = sorted({(c["objective"], c["demos"]) for c in agg["cells"]})
     by = {(c["task"], c["objective"], c["demos"]): c for c in agg["cells"]}
     width = 0.8 / max(len(combos), 1)
-    fig, ax = plt.subplots(figsize=(max(6.4, 1.3 * len(tasks) + 2), 4.5))
+    fig, ax = outputs.subplots(figsize=(max(6.4, 1.3 * len(tasks) + 2), 4.5))
     x_T = np.arange(len(tasks))
     for j, (objective, demos) in enumerate(combos):
         cs = [by.get((t, objective, demos)) for t in tasks]

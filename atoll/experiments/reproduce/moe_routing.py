@@ -139,12 +139,9 @@ def results_markdown(rows: list[dict], preset_name: str, affinity_summary: dict 
 
 
 def plot_losses(out: Path, curves: dict[str, list[tuple[int, float]]]) -> Path:
-    import matplotlib
+    from atoll.experiments import outputs
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = outputs.subplots(figsize=(6.4, 4.2))
     for name, pts in curves.items():
         ax.plot(*zip(*pts), "o-" if name == "dense" else ".-", label=name, ms=3, lw=1.2)
     ax.set(xlabel="step", ylabel="validation loss (nats)", title="dense vs MoE at equal active parameters")
@@ -154,12 +151,9 @@ def plot_losses(out: Path, curves: dict[str, list[tuple[int, float]]]) -> Path:
 
 
 def plot_balance(out: Path, trajectories: dict[str, list[tuple[int, float]]]) -> Path:
-    import matplotlib
+    from atoll.experiments import outputs
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = outputs.subplots(figsize=(6.4, 4.2))
     for name, pts in trajectories.items():
         if pts:
             ax.plot(*zip(*pts), lw=1.2, label=name)

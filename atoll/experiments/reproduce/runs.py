@@ -68,10 +68,8 @@ def train_or_reuse(name: str, workdir: Path, config, row_of: Callable[[dict, flo
 
 
 def save_figure(fig, path: Path) -> Path:
-    """Lays out, writes and closes a matplotlib figure."""
-    import matplotlib.pyplot as plt
-
+    """Lays out and writes a figure from outputs.subplots (a bare Figure, not
+    pyplot's: nothing to close, and the caller's backend is left alone)."""
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
