@@ -18,6 +18,7 @@ Wilson interval per seed and pooled, episode lengths, and the run's settings.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -171,9 +172,10 @@ def evaluate_metaworld_expert(task: str, *, episodes: int, seed: int, max_steps:
     return np.array([r["success"] for r in runs], bool), np.array([r["length"] for r in runs])
 
 
+@functools.lru_cache(maxsize=16)
 def jitted_act(policy: chunk_policy.ChunkPolicy):
-    """act_fn(weights, obs_BTO, key) -> actions_BHA, one object per policy (so
-    rollouts and the Meta-World loop reuse the compiled sampler)."""
+    """act_fn(weights, obs_BTO, key) -> actions_BHA, one object per (equal) policy, so
+    rollouts, the Meta-World loop and later runs of the same model reuse the compiled sampler."""
     return jax.jit(policy.act)
 
 
