@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PY) -m atoll.experiments.train_lm --config=atoll/configs/lm.py:tiny --workdir=$(WORKDIR)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist worksteal --durations=15 tests
+	$(PY) -m pytest -q -n 2 --durations=15 tests
 
 clean-venv:
 	rm -rf $(VENV)
