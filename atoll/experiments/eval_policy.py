@@ -69,7 +69,8 @@ def summarize(success_E, length_E) -> dict[str, Any]:
 # -------------------------------------------------------------------- loading
 
 
-def policy_from_config(config, obs_dim: int, action_dim: int) -> chunk_policy.ChunkPolicy:
+def policy_from_config(config, action_dim: int) -> chunk_policy.ChunkPolicy:
+    """The run's ChunkPolicy (the network reads the observation size from its input)."""
     objective = chunk_policy.Objective(
         kind=config.objective.kind, prediction=config.objective.prediction, schedule=config.objective.schedule,
         diffusion_steps=config.objective.diffusion_steps, sampler=config.objective.sampler,
@@ -78,7 +79,6 @@ def policy_from_config(config, obs_dim: int, action_dim: int) -> chunk_policy.Ch
     sizes = ({"dim": m.dim, "depth": m.depth, "heads": m.heads} if m.net == "dit" else
              {"channels": tuple(m.channels), "cond_dim": m.cond_dim, "kernel": m.kernel, "groups": m.groups})
     model = chunk_policy.make_denoiser(m.net, action_dim, objective, **sizes)
-    del obs_dim  # the network reads it from the observations
     return chunk_policy.ChunkPolicy(model, objective, config.policy.obs_horizon, config.policy.action_horizon,
                                     action_dim)
 
@@ -105,8 +105,7 @@ def load_policy(path: str | Path, step: int | None = None):
     params = state["ema"] if config.train.ema else state["params"]
     weights = {"params": params, "obs_norm": state["obs_norm"], "act_norm": state["act_norm"]}
     action_dim = int(np.asarray(state["act_norm"]["offset_D"]).shape[-1])
-    obs_dim = int(np.asarray(state["obs_norm"]["offset_D"]).shape[-1])
-    return config, policy_from_config(config, obs_dim, action_dim), jax.tree.map(jnp.asarray, weights), step
+    return config, policy_from_config(config, action_dim), jax.tree.map(jnp.asarray, weights), step
 
 
 # ------------------------------------------------------------------ evaluation

@@ -240,7 +240,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
     obs_norm = policy_nets.fit_normalizer(demos.obs_ND, config.normalizer)
     act_norm = policy_nets.fit_normalizer(demos.actions_NA, config.normalizer)
     obs_NTO, act_NHA = windows(demos, obs_norm, act_norm, config.policy.obs_horizon, config.policy.action_horizon)
-    policy = eval_policy.policy_from_config(config, demos.obs_dim, demos.action_dim)
+    policy = eval_policy.policy_from_config(config, demos.action_dim)
     tx = make_optimizer(config)
     outputs.write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
     outputs.write_json(workdir / "demos.json", {**demos.meta, "episodes": demos.num_episodes,
