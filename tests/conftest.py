@@ -54,3 +54,15 @@ def corpus_cache(tmp_path_factory):
     path = os.environ.get("ATOLL_TEST_CACHE") or str(tmp_path_factory.mktemp("atoll-cache"))
     os.environ["ATOLL_CACHE"] = path
     return path
+
+
+@pytest.fixture
+def optimized_compiles():
+    """XLA's optimizations back on for one test: the few tests whose time is
+    running a compiled step many times (not compiling it) are faster with them."""
+    from jax._src import compiler  # the flag has no public getter
+
+    before = compiler._DISABLE_MOST_OPTIMIZATIONS.value
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)

@@ -37,7 +37,7 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
 
 def test_low_communication_notebook_runs(tmp_path, monkeypatch):
     cells = _run_notebook("low_communication.ipynb", tmp_path, monkeypatch, STEPS="8", LAYERS="2", H="4",
-                          WORKDIR=str(tmp_path / "runs"))
+                          EVALS="2", WORKDIR=str(tmp_path / "runs"))
     table = _text(cells[-1:])
     assert "ddp" in table and "diloco H=4" in table and "streaming fp4 H=4" in table, table
     for name in ("ddp", "diloco_H4", "streaming_fp4_H4"):

@@ -37,6 +37,11 @@ s = policy.execute_steps):
   data            num_demos successful expert episodes generated with seed
                   data.seed (cached under data.cache_dir, default
                   $ATOLL_CACHE/demos); data.path: use this .npz instead.
+  policy.conditioning  none | prefix (training-time RTC: clean prefixes of
+                  d ~ U{0..max_delay} actions) | vlash (robot state offset by
+                  δ ~ U{0..max_delay} steps) | faster (prefix + per-action
+                  clocks): the training the real-time strategies need
+                  (atoll.core.chunking; eval with --strategy).
   model.net       dit (dim, depth, heads) | unet (channels, cond_dim, kernel, groups).
   objective       kind flow | ddpm; ddpm: prediction epsilon | v, schedule,
                   diffusion_steps K, sampler ddim | ddpm; sample_steps: Euler or
@@ -80,6 +85,8 @@ def get_config(variant: str = "metaworld") -> ml_collections.ConfigDict:
     c.policy.obs_horizon = 2
     c.policy.action_horizon = 16
     c.policy.execute_steps = 8
+    c.policy.conditioning = "none"
+    c.policy.max_delay = 0
 
     c.model = ml_collections.ConfigDict()
     c.model.net = "dit"
@@ -157,6 +164,7 @@ def get_config(variant: str = "metaworld") -> ml_collections.ConfigDict:
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raises ConfigError naming the first bad field."""
     from atoll.core.chunk_policy import NETWORKS, OBJECTIVES, SAMPLERS  # configs stay import-light
+    from atoll.core.chunking import CONDITIONING
     from atoll.core.diffusion import PREDICTIONS, SCHEDULES
     from atoll.core.policy import NORMALIZER_MODES
 
@@ -166,6 +174,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if c.policy.execute_steps > c.policy.action_horizon:
         raise v.ConfigError(f"config.policy.execute_steps = {c.policy.execute_steps} must be at most "
                             f"config.policy.action_horizon = {c.policy.action_horizon} (a chunk holds H actions)")
+    v.choice(c, "policy.conditioning", CONDITIONING)
+    v.non_negative(c, "policy.max_delay")
+    if c.policy.conditioning != "none":
+        if c.policy.conditioning != "vlash" and c.objective.kind != "flow":
+            raise v.ConfigError(f"config.policy.conditioning = {c.policy.conditioning!r} trains a flow sampler's "
+                                f"prefix; config.objective.kind must be 'flow', not {c.objective.kind!r}")
+        if not 1 <= c.policy.max_delay < c.policy.action_horizon:
+            raise v.ConfigError(f"config.policy.max_delay = {c.policy.max_delay} must lie in [1, "
+                                f"{c.policy.action_horizon - 1}] (below action_horizon) with conditioning "
+                                f"{c.policy.conditioning!r}")
     v.choice(c, "model.net", NETWORKS)
     if c.model.net == "dit":
         v.positive(c, "model.dim", "model.depth", "model.heads")

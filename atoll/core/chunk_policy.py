@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from atoll.core import diffusion
+from atoll.core import chunking, diffusion
 from atoll.core import policy as policy_nets
 
 OBJECTIVES = ("flow", "ddpm")
@@ -105,11 +105,34 @@ def make_denoiser(net: str, action_dim: int, objective: Objective, **sizes: Any)
     raise ValueError(f"network {net!r} is unknown; choose one of {list(NETWORKS)}")
 
 
-def training_loss(apply: ApplyFn, objective: Objective, actions_BHA, obs_BTO, key) -> jax.Array:
-    """The objective's loss on a batch of normalized chunks, one noise level per chunk."""
+def training_loss(apply: ApplyFn, objective: Objective, actions_BHA, obs_BTO, key, conditioning: str = "none",
+                  max_delay: int = 0, faster_alpha: float = 0.6, faster_mix: float = 0.5) -> jax.Array:
+    """The objective's loss on a batch of normalized chunks, one noise level per chunk.
+
+    conditioning "prefix" (training-time RTC / REMAC): each chunk keeps a clean
+    prefix of d ~ U{0..max_delay} actions (flow time 1, excluded from the loss),
+    so the sampler can hold committed actions fixed. "faster": the same, and with
+    probability faster_mix the free actions run on FASTER's per-action clocks
+    (chunking.faster_times) instead of one shared time. "vlash" and "none" train
+    plainly (VLASH's offsets live in the data windows)."""
     model_fn = lambda x, time: apply(x, time, obs_BTO)  # noqa: E731
-    B = actions_BHA.shape[0]
-    t_key, key = jax.random.split(key)
+    B, H = actions_BHA.shape[:2]
+    t_key, d_key, m_key, key = jax.random.split(key, 4)
+    if conditioning in ("prefix", "faster"):
+        if objective.kind != "flow":
+            raise ValueError(f"conditioning {conditioning!r} needs the flow objective, not {objective.kind!r}")
+        d_B = jax.random.randint(d_key, (B,), 0, max_delay + 1)
+        prefix_BH = jnp.arange(H) < d_B[:, None]
+        t_BH = jnp.broadcast_to(jax.random.uniform(t_key, (B, 1)), (B, H))
+        if conditioning == "faster":
+            n = objective.sample_steps
+            u_BH = chunking.faster_offsets(H, d_B, faster_alpha, (n - 1) / n)
+            staggered = jax.random.uniform(m_key, (B, 1)) < faster_mix
+            t_BH = jnp.where(staggered, chunking.faster_times(t_BH[:, 0], u_BH), t_BH)
+        t_BH = jnp.where(prefix_BH, 1.0, t_BH)
+        # Clean actions (the prefix, and FASTER's finished clocks) carry no noise to
+        # predict: their target x_1 − ε is unknowable from x_t = x_1, so they do not count.
+        return diffusion.flow_loss(model_fn, actions_BHA, key, t=t_BH, mask=t_BH < 1.0)
     if objective.kind == "flow":
         t_B1 = jax.random.uniform(t_key, (B, 1))
         return diffusion.flow_loss(model_fn, actions_BHA, key, t=t_B1)
@@ -129,6 +152,32 @@ def sample_chunk(apply: ApplyFn, objective: Objective, obs_BTO, key, horizon: in
         return diffusion.ddpm_sample(model_fn, schedule, shape, key, objective.prediction, clip=objective.clip)
     return diffusion.ddim_sample(model_fn, schedule, shape, key, objective.sample_steps, objective.prediction,
                                  clip=objective.clip)
+
+
+def sample_for_strategy(apply: ApplyFn, objective: Objective, strategy: chunking.Strategy, obs_BTO, prev_BHA, d_plan,
+                        first, execute_steps: int, key, horizon: int, action_dim: int) -> jax.Array:
+    """A normalized chunk [B, H, A] conditioned as `strategy` needs on the running
+    chunk prev_BHA (normalized, aligned to this cycle) and the planned delay
+    d_plan (scalar or [B]); `first` (a traced bool) marks the episode's first
+    chunk, which has nothing to continue. Strategies without a sampler of their
+    own (sync, naive_async, temporal_ensemble, vlash, fused) sample plainly."""
+    name = strategy.name
+    if name not in ("rtc", "prefix", "faster"):
+        return sample_chunk(apply, objective, obs_BTO, key, horizon, action_dim)
+    if objective.kind != "flow":
+        raise ValueError(f"strategy {name!r} guides a flow sampler; this policy's objective is {objective.kind!r}")
+    model_fn = lambda x, time: apply(x, time, obs_BTO)  # noqa: E731
+    shape = (obs_BTO.shape[0], horizon, action_dim)
+    n = objective.sample_steps
+    d = jnp.where(first, 0, jnp.asarray(d_plan))
+    if name == "rtc":
+        w_BH = chunking.prefix_weights(d, execute_steps, horizon, strategy.rtc_schedule)
+        w_BH = jnp.where(first, 0.0, w_BH)
+        return chunking.rtc_euler(model_fn, prev_BHA, w_BH, shape, key, n, strategy.rtc_beta)
+    if name == "prefix":
+        return chunking.prefix_euler(model_fn, prev_BHA, d, shape, key, n)
+    p, u_BH, _ = chunking.faster_plan(strategy, d, d, horizon, n)
+    return chunking.prefix_euler(model_fn, prev_BHA, p, shape, key, n, offsets_BH=u_BH)
 
 
 def history_init(obs_BO, obs_horizon: int):
@@ -169,4 +218,15 @@ class ChunkPolicy:
         apply = lambda x, time, o: self.model.apply(weights["params"], x, time, o)  # noqa: E731
         chunk = sample_chunk(apply, self.objective, obs_norm.normalize(obs_BTO), key, self.action_horizon,
                              self.action_dim)
+        return act_norm.unnormalize(chunk)
+
+    def act_with(self, strategy: chunking.Strategy, execute_steps: int, weights: Mapping[str, Any], obs_BTO,
+                 prev_BHA, d_plan, first, key) -> jax.Array:
+        """`act` under an execution strategy: raw histories, the raw running chunk
+        (aligned to this cycle) and the planned delay in, a raw chunk out."""
+        obs_norm, act_norm = normalizer_from(weights["obs_norm"]), normalizer_from(weights["act_norm"])
+        apply = lambda x, time, o: self.model.apply(weights["params"], x, time, o)  # noqa: E731
+        chunk = sample_for_strategy(apply, self.objective, strategy, obs_norm.normalize(obs_BTO),
+                                    act_norm.normalize(prev_BHA), d_plan, first, execute_steps, key,
+                                    self.action_horizon, self.action_dim)
         return act_norm.unnormalize(chunk)

@@ -11,6 +11,7 @@ under the user cache dir (zarr via tensorstore), atomically.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -133,15 +134,29 @@ def _load_cached(cache: Path) -> tuple[np.ndarray, np.ndarray]:
     return _read_array(cache / "train", meta["train_tokens"]), _read_array(cache / "val", meta["val_tokens"])
 
 
+@functools.lru_cache(maxsize=4)
+def _stdlib_files_and_key(root: Path, pattern: str, exclude_parts: tuple[str, ...],
+                          val_fraction: float) -> tuple[list[Path], str]:
+    """The standard library's files and their key, once per process: listing and
+    stat-ing some thousand files costs over a second, and the running Python's
+    own library does not change under it (a user's directory is listed every time)."""
+    files = _list_files(root, pattern, exclude_parts)
+    return files, _corpus_key(files, root, val_fraction)
+
+
 def load_text_corpus(
     root: Path, pattern: str, *, val_fraction: float, cache_dir: Path, source: str,
     exclude_parts: tuple[str, ...] = (), progress: bool = True,
 ) -> Corpus:
-    files = [root] if root.is_file() else _list_files(root, pattern, exclude_parts)
+    if root == stdlib_root():
+        files, key = _stdlib_files_and_key(root, pattern, exclude_parts, val_fraction)
+    else:
+        files = [root] if root.is_file() else _list_files(root, pattern, exclude_parts)
+        key = _corpus_key(files, root.parent if root.is_file() else root, val_fraction) if files else ""
     base = root.parent if root.is_file() else root
     if not files:
         raise DataError(f"no files match {pattern!r} under {root}; set config.data.glob")
-    cache = cache_dir / f"corpus-{_corpus_key(files, base, val_fraction)}"
+    cache = cache_dir / f"corpus-{key}"
     if not (cache / "meta.json").exists():
         train, val = _split_files(files, base, val_fraction, progress)
         if not train or not val:

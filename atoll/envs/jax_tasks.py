@@ -153,6 +153,24 @@ class Task:
             pos_2, vel_2, self.accel_max * executed_A, dt=self.dt, damping=self.damping, half_width=self.half_width
         )
 
+    def roll_forward(self, obs_D: jax.Array, actions_KA: jax.Array, n: jax.Array) -> jax.Array:
+        """The observation with the agent's own state (position, velocity) advanced
+        through the first n of the K actions by the noise-free dynamics, the rest
+        (the target) as observed: VLASH's rolled-forward state. n may be traced."""
+        def body(k, pv):
+            moved = self.move_agent(*pv, jnp.clip(actions_KA[k], -1.0, 1.0))
+            return tuple(jnp.where(k < n, new, old) for new, old in zip(moved, pv))
+
+        pos_2, vel_2 = jax.lax.fori_loop(0, actions_KA.shape[0], body, (obs_D[OBS_LAYOUT["pos"]],
+                                                                         obs_D[OBS_LAYOUT["vel"]]))
+        return obs_D.at[OBS_LAYOUT["pos"]].set(pos_2).at[OBS_LAYOUT["vel"]].set(vel_2)
+
+    def action_jerk(self, before_A: jax.Array, action_A: jax.Array) -> jax.Array:
+        """Jerk of the commanded acceleration between two steps, m/s³ (actions are
+        accelerations, so jerk is their rate of change)."""
+        change = jnp.clip(action_A, -1.0, 1.0) - jnp.clip(before_A, -1.0, 1.0)
+        return self.accel_max * jnp.linalg.norm(change, axis=-1) / self.dt
+
     # The interface every task implements.
     def reset(self, key: jax.Array) -> Any:
         raise NotImplementedError
@@ -498,15 +516,9 @@ def chunked_rollout(
     """
     T, s = task.max_steps, execute_steps
     n_chunks = -(-T // s)
-    keys_E = jax.random.split(key, num_episodes)
-    split_EK = jax.vmap(lambda k: jax.random.split(k, 1 + 2 * T))(keys_E)
-    env_keys_TE = jnp.swapaxes(split_EK[:, 1:].reshape((num_episodes, T, 2) + split_EK.shape[2:])[:, :, 1], 0, 1)
-    pad = n_chunks * s - T  # steps past max_steps are computed and ignored
-    env_keys_CSE = jnp.concatenate([env_keys_TE, env_keys_TE[-1:].repeat(pad, 0)]).reshape(
-        (n_chunks, s) + env_keys_TE.shape[1:])
-    policy_keys_C = jax.random.split(jax.random.fold_in(key, 0x5EED), n_chunks)
+    reset_keys_E, env_keys_CSE, policy_keys_C = chunk_keys(key, num_episodes, T, s)
 
-    state = jax.vmap(task.reset)(split_EK[:, 0])
+    state = jax.vmap(task.reset)(reset_keys_E)
     obs_ED = jax.vmap(task.observe)(state)
     hist_ETD = jnp.repeat(obs_ED[:, None], obs_horizon, axis=1)
     success_E = jnp.zeros((num_episodes,), bool)
@@ -540,6 +552,20 @@ def chunked_rollout(
         return Episodes(success_E, length_E)
     obs_TED, actions_TEA = (x.reshape((n_chunks * s,) + x.shape[2:])[:T] for x in traj)
     return Episodes(success_E, length_E, jnp.swapaxes(obs_TED, 0, 1), jnp.swapaxes(actions_TEA, 0, 1))
+
+
+def chunk_keys(key: jax.Array, num_episodes: int, max_steps: int, execute_steps: int):
+    """The keys of chunked execution, laid out as `rollout` draws its episodes:
+    (reset keys [E], the environment's step keys [C, s, E] for C = ceil(T / s)
+    chunks, steps past max_steps repeating the last, policy keys [C])."""
+    T, s = max_steps, execute_steps
+    n_chunks = -(-T // s)
+    split_EK = jax.vmap(lambda k: jax.random.split(k, 1 + 2 * T))(jax.random.split(key, num_episodes))
+    env_keys_TE = jnp.swapaxes(split_EK[:, 1:].reshape((num_episodes, T, 2) + split_EK.shape[2:])[:, :, 1], 0, 1)
+    pad = n_chunks * s - T  # steps past max_steps are computed and ignored
+    env_keys_CSE = jnp.concatenate([env_keys_TE, env_keys_TE[-1:].repeat(pad, 0)]).reshape(
+        (n_chunks, s) + env_keys_TE.shape[1:])
+    return split_EK[:, 0], env_keys_CSE, jax.random.split(jax.random.fold_in(key, 0x5EED), n_chunks)
 
 
 def expert_demos(task: Task, key: jax.Array, num_episodes: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], float]:

@@ -143,6 +143,11 @@ class MetaWorldEnv:
         self.done = success or self.num_steps >= self.max_steps
         return obs_D.astype(np.float32), success, self.done
 
+    @property
+    def dt(self) -> float:
+        """Seconds per step (MuJoCo's timestep × frame skip)."""
+        return float(self._env.dt)
+
     def expert_action(self, obs_D: np.ndarray) -> np.ndarray:
         """Meta-World's scripted expert for this task: action_A (float32, in [-1, 1])."""
         with warnings.catch_warnings():
@@ -219,6 +224,28 @@ class EnvBatch:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# Sawyer's action: xyz moves the hand's mocap target by action · ACTION_SCALE metres
+# (clipped to [-1, 1] first); the fourth entry drives the gripper.
+ACTION_SCALE = 1.0 / 100
+
+
+def roll_forward(obs_D: np.ndarray, actions_KA: np.ndarray, n: int) -> np.ndarray:
+    """VLASH's rolled-forward state for Meta-World: the hand position (obs[0:3])
+    moved by the first n actions' xyz offsets (the mocap target the hand
+    follows; its lag and the workspace clip are ignored), the rest as observed."""
+    out = np.array(obs_D, np.float32, copy=True)
+    out[0:3] += ACTION_SCALE * np.clip(np.asarray(actions_KA)[:n, :3], -1, 1).sum(0)
+    return out
+
+
+def action_jerk(a2_A: np.ndarray, a1_A: np.ndarray, a0_A: np.ndarray, dt: float) -> float:
+    """Jerk of the commanded hand path, m/s³: xyz actions are position offsets
+    per step, so jerk is their second difference · ACTION_SCALE / dt³ (a2 the
+    oldest of three consecutive actions)."""
+    clip = lambda a: np.clip(np.asarray(a, np.float64)[..., :3], -1, 1)  # noqa: E731
+    return float(np.linalg.norm(clip(a0_A) - 2 * clip(a1_A) + clip(a2_A)) * ACTION_SCALE / dt**3)
 
 
 def _expert_episode(env: MetaWorldEnv, episode: int, record: bool) -> dict[str, Any]:

@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from atoll.core import chunk_policy
-from atoll.envs import jax_tasks
+from atoll.core import chunk_policy, chunking
+from atoll.envs import jax_tasks, latency
 from atoll.parallel import checkpoint
 
 class EvalError(ValueError):
@@ -123,6 +123,48 @@ def evaluate_jax(task: jax_tasks.Task, act_fn, weights, *, episodes: int, seed: 
     return np.asarray(out.success), np.asarray(out.length)
 
 
+def evaluate_jax_strategy(task: jax_tasks.Task, policy: chunk_policy.ChunkPolicy, strategy: chunking.Strategy,
+                          weights, *, episodes: int, seed: int, execute_steps: int,
+                          delay: int | tuple[float, ...]) -> latency.LatencyEpisodes:
+    """The policy on the JAX suite under an execution strategy at a simulated
+    inference delay (atoll.envs.latency): success, length, time and jerk per episode."""
+    act = latency.policy_act_fn(policy, strategy, execute_steps)
+    out = latency.async_rollout(task, strategy, act, jax.random.key(seed), episodes, weights=weights,
+                                obs_horizon=policy.obs_horizon, horizon=policy.action_horizon,
+                                execute_steps=execute_steps, delay=delay,
+                                sample_steps=policy.objective.sample_steps)
+    return jax.device_get(out)
+
+
+def evaluate_metaworld_strategy(task: str, policy: chunk_policy.ChunkPolicy, strategy: chunking.Strategy, weights,
+                                *, episodes: int, seed: int, execute_steps: int, delay: int | tuple[float, ...],
+                                max_steps: int = 500, progress: bool = False) -> dict[str, np.ndarray]:
+    """The policy in Meta-World under an execution strategy at a simulated delay."""
+    act = _jitted_async_act(policy, strategy, execute_steps)
+    return latency.metaworld_async_episodes(task, strategy, act, weights, episodes=episodes, seed=seed,
+                                            obs_horizon=policy.obs_horizon, horizon=policy.action_horizon,
+                                            execute_steps=execute_steps, delay=delay,
+                                            sample_steps=policy.objective.sample_steps, max_steps=max_steps,
+                                            progress=progress)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_async_act(policy, strategy, execute_steps):
+    return jax.jit(latency.policy_act_fn(policy, strategy, execute_steps))
+
+
+def parse_delay(text: str) -> int | tuple[float, ...]:
+    """--delay: "4" (always 4 steps) or probabilities over 0, 1, ... ("0,0.5,0.5")."""
+    parts = [p for p in str(text).split(",") if p.strip()]
+    try:
+        if len(parts) == 1:
+            return int(parts[0])
+        return latency.delay_probs(tuple(float(p) for p in parts))
+    except ValueError as e:
+        raise EvalError(f"--delay {text!r}: an int number of steps or probabilities over d = 0, 1, ... ({e})") \
+            from None
+
+
 def evaluate_jax_expert(task: jax_tasks.Task, *, episodes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     out = jax_tasks.rollout(task, jax_tasks.expert_policy(task), jax.random.key(seed), episodes)
     return np.asarray(out.success), np.asarray(out.length)
@@ -193,13 +235,18 @@ def define_flags() -> None:
     flags.DEFINE_list("seeds", ["1000"], "Evaluation seeds (disjoint from the demo seed).")
     flags.DEFINE_integer("execute_steps", None, "Actions executed per chunk (default: the run's).")
     flags.DEFINE_integer("max_steps", None, "Episode limit (default: the run's / the task's).")
+    flags.DEFINE_enum("strategy", None, list(chunking.STRATEGIES),
+                      "Real-time execution strategy under a simulated inference delay (atoll.core.chunking). "
+                      "Default: plain receding horizon, no delay.")
+    flags.DEFINE_string("delay", "0", "With --strategy: inference delay in control steps, or probabilities "
+                        "over d = 0, 1, ... (e.g. 0,0,0.5,0.5).")
     flags.DEFINE_string("out", None, "JSON output path (default: <workdir>/eval.json).")
     flags.DEFINE_bool("progress", True, "Show a progress bar (Meta-World).")
 
 
 def run(*, checkpoint_path: str | None, step: int | None, policy_kind: str, task: str | None, suite: str | None,
         episodes: int, seeds: list[int], execute_steps: int | None, max_steps: int | None,
-        progress: bool) -> dict[str, Any]:
+        progress: bool, strategy: str | None = None, delay: int | tuple[float, ...] = 0) -> dict[str, Any]:
     if episodes < 1:
         raise EvalError(f"--episodes = {episodes} must be at least 1")
     if not seeds:
@@ -216,19 +263,32 @@ def run(*, checkpoint_path: str | None, step: int | None, policy_kind: str, task
             raise EvalError(f"--execute_steps = {s} must lie in [1, {policy.action_horizon}] (the chunk length)")
         max_steps = max_steps or config.env.max_steps
         act = jitted_act(policy)
+        if strategy is not None:
+            strat = chunking.Strategy(strategy)
+            try:
+                chunking.check_conditioning(strat, config.policy.get("conditioning", "none"), config.objective.kind)
+                chunking.check_horizons(strategy, len(latency.delay_probs(delay)) - 1, s, policy.action_horizon)
+            except ValueError as e:
+                raise EvalError(str(e)) from None
+            result.update(strategy=strategy, delay=delay)
         result.update(checkpoint=str(Path(checkpoint_path).absolute()), step=step, execute_steps=s,
                       action_horizon=policy.action_horizon, obs_horizon=policy.obs_horizon,
                       objective=config.objective.kind, network_evaluations=policy.objective.network_evaluations)
     else:
         if not task or not suite:
             raise EvalError("--policy=expert needs --task and --suite")
-    per_seed = []
+    per_seed, extra = [], {}
     t0 = time.perf_counter()
     for seed in seeds:
         if suite == "jax":
             jt = jax_task(task, max_steps or 0)
             if policy_kind == "expert":
                 succ, length = evaluate_jax_expert(jt, episodes=episodes, seed=seed)
+            elif strategy is not None:
+                out = evaluate_jax_strategy(jt, policy, strat, weights, episodes=episodes, seed=seed,
+                                            execute_steps=s, delay=delay)
+                succ, length = np.asarray(out.success), np.asarray(out.length)
+                extra = {"mean_time": float(np.mean(out.time)), "mean_jerk": float(np.mean(out.jerk))}
             else:
                 succ, length = evaluate_jax(jt, act, weights, episodes=episodes, seed=seed,
                                             obs_horizon=policy.obs_horizon, execute_steps=s)
@@ -240,11 +300,17 @@ def run(*, checkpoint_path: str | None, step: int | None, policy_kind: str, task
             if policy_kind == "expert":
                 succ, length = evaluate_metaworld_expert(task, episodes=episodes, seed=seed, max_steps=ms,
                                                          progress=progress)
+            elif strategy is not None:
+                out = evaluate_metaworld_strategy(task, policy, strat, weights, episodes=episodes, seed=seed,
+                                                  execute_steps=s, delay=delay, max_steps=ms, progress=progress)
+                succ, length = out["success"], out["length"]
+                extra = {"mean_time": float(np.mean(out["time"])), "mean_jerk": float(np.mean(out["jerk"]))}
             else:
                 succ, length = evaluate_metaworld(task, act, weights, episodes=episodes, seed=seed,
                                                   obs_horizon=policy.obs_horizon, execute_steps=s, max_steps=ms,
                                                   progress=progress)
-        per_seed.append({"seed": seed, **summarize(succ, length), "_succ": succ, "_len": length})
+        per_seed.append({"seed": seed, **summarize(succ, length), **(extra if strategy else {}), "_succ": succ,
+                         "_len": length})
     pooled = summarize(np.concatenate([p.pop("_succ") for p in per_seed]),
                        np.concatenate([p.pop("_len") for p in per_seed]))
     result.update(suite=suite, task=task, per_seed=per_seed, **pooled, seconds=time.perf_counter() - t0)
@@ -262,7 +328,8 @@ def main(argv) -> None:
     try:
         result = run(checkpoint_path=F.checkpoint, step=F.step, policy_kind=F.policy,
                      task=F.task, suite=F.suite, episodes=F.episodes, seeds=seeds,
-                     execute_steps=F.execute_steps, max_steps=F.max_steps, progress=F.progress)
+                     execute_steps=F.execute_steps, max_steps=F.max_steps, progress=F.progress,
+                     strategy=F.strategy, delay=parse_delay(F.delay))
     except (EvalError, ValueError, checkpoint.CheckpointError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -91,12 +91,32 @@ def load_demos(config, progress: bool = True) -> demos_lib.Demos:
         raise DataError(str(e)) from e
 
 
-def windows(demos: demos_lib.Demos, obs_norm, act_norm, obs_horizon: int, action_horizon: int):
-    """Normalized training windows: (obs_NTO, actions_NHA) numpy arrays, one per demo step."""
+# The robot's own state in the observation (what VLASH rolls forward): position
+# and velocity in the JAX suite, hand position and gripper in Meta-World.
+ROBOT_STATE = slice(0, 4)
+
+
+def windows(demos: demos_lib.Demos, obs_norm, act_norm, obs_horizon: int, action_horizon: int, offsets: int = 0):
+    """Normalized training windows: (obs_NTO, actions_NHA) numpy arrays, one per demo step.
+
+    offsets > 0 adds VLASH's augmentation: for every δ in 1..offsets another
+    window per step whose newest observation carries the robot state of step
+    t + δ and whose actions start there (clamped at the episode's end), while
+    the rest of the observation stays at step t, as at run time, where the
+    robot state is rolled forward through the actions that run during inference."""
     obs_idx_NT, act_idx_NH = demos_lib.window_indices(demos.episode_ends_E, obs_horizon, action_horizon)
     obs_ND = np.asarray(obs_norm.normalize(demos.obs_ND), np.float32)
     act_NA = np.asarray(act_norm.normalize(demos.actions_NA), np.float32)
-    return obs_ND[obs_idx_NT], act_NA[act_idx_NH]
+    obs_NTO, act_NHA = [obs_ND[obs_idx_NT]], [act_NA[act_idx_NH]]
+    ends_E = np.asarray(demos.episode_ends_E)
+    last_N = np.repeat(ends_E - 1, np.diff(ends_E, prepend=0))
+    for delta in range(1, offsets + 1):
+        later_N = np.minimum(np.arange(last_N.size) + delta, last_N)
+        shifted = obs_ND[obs_idx_NT].copy()
+        shifted[:, -1, ROBOT_STATE] = obs_ND[later_N, ROBOT_STATE]
+        obs_NTO.append(shifted)
+        act_NHA.append(act_NA[act_idx_NH[later_N]])
+    return np.concatenate(obs_NTO), np.concatenate(act_NHA)
 
 
 # ----------------------------------------------------------------------- state
@@ -124,7 +144,7 @@ def weights_of(state: dict, use_ema: bool) -> dict:
 
 
 def make_train_step(policy: chunk_policy.ChunkPolicy, tx, batch_size: int, ema_power: float, seed: int,
-                    batch_shardings):
+                    batch_shardings, conditioning: str = "none", max_delay: int = 0):
     def train_step(state, obs_NTO, act_NHA):
         step = state["step"]
         key = jax.random.fold_in(jax.random.key(seed), step)
@@ -135,7 +155,8 @@ def make_train_step(policy: chunk_policy.ChunkPolicy, tx, batch_size: int, ema_p
 
         def loss_fn(params):
             apply = lambda x, t, o: policy.model.apply(params, x, t, o)  # noqa: E731
-            return chunk_policy.training_loss(apply, policy.objective, act_BHA, obs_BTO, loss_key)
+            return chunk_policy.training_loss(apply, policy.objective, act_BHA, obs_BTO, loss_key,
+                                              conditioning=conditioning, max_delay=max_delay)
 
         loss, grads = jax.value_and_grad(loss_fn)(state["params"])
         updates, opt = tx.update(grads, state["opt"], state["params"])
@@ -239,7 +260,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
     demos = load_demos(config, progress)
     obs_norm = policy_nets.fit_normalizer(demos.obs_ND, config.normalizer)
     act_norm = policy_nets.fit_normalizer(demos.actions_NA, config.normalizer)
-    obs_NTO, act_NHA = windows(demos, obs_norm, act_norm, config.policy.obs_horizon, config.policy.action_horizon)
+    conditioning, max_delay = config.policy.conditioning, config.policy.max_delay
+    obs_NTO, act_NHA = windows(demos, obs_norm, act_norm, config.policy.obs_horizon, config.policy.action_horizon,
+                               offsets=max_delay if conditioning == "vlash" else 0)
     policy = eval_policy.policy_from_config(config, demos.action_dim)
     tx = make_optimizer(config)
     outputs.write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
@@ -258,7 +281,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
         outputs.truncate_metrics(workdir, resumed, drop_at=("success",))  # evals at `resumed` run again
     data = jax.device_put((obs_NTO, act_NHA), replicated)
     step_fn = jax.jit(make_train_step(policy, tx, config.train.batch_size, config.train.ema_power, config.seed,
-                                      batch_shardings), donate_argnums=(0,))
+                                      batch_shardings, conditioning, max_delay), donate_argnums=(0,))
     evaluate = _evaluator(config, policy)
     expert = demos.meta.get("expert_success_rate")
     metrics = outputs.MetricsWriter(workdir)

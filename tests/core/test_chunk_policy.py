@@ -84,3 +84,36 @@ def test_act_unnormalizes_what_the_sampler_returns():
     # a zero network leaves the initial noise unchanged: raw = noise · scale + offset
     noise = jax.random.normal(key, (5, 4, 2))
     np.testing.assert_allclose(raw, noise * act_norm.scale_D + act_norm.offset_D, rtol=1e-5)
+
+
+def test_prefix_training_scores_only_the_free_actions():
+    """Prefix conditioning: an exact denoiser scores zero; one that is wrong only
+    on clean actions (time 1, the prefix) still scores zero; wrong on noisy
+    actions, it does not. FASTER's clocks stagger times within a chunk."""
+    objective = chunk_policy.Objective("flow", sample_steps=10)
+    chunk = jnp.asarray(np.random.default_rng(1).uniform(-0.9, 0.9, (64, 8, 2)), jnp.float32)
+    exact = _exact_model(chunk, objective)
+    obs = jnp.zeros((64, 2, 3))
+    times = []
+
+    def wrong_where(pred):
+        def apply(x, time, o):
+            times.append(time)
+            return jnp.where(pred(time)[..., None], 7.0, exact(x, time, o))
+        return apply
+
+    for cond in ("prefix", "faster"):
+        loss = lambda fn: float(chunk_policy.training_loss(fn, objective, chunk, obs, jax.random.key(2),  # noqa: E731
+                                                           conditioning=cond, max_delay=7))
+        assert loss(exact) < 1e-6
+        assert loss(wrong_where(lambda t: t == 1.0)) < 1e-6  # the clean prefix does not count
+        assert loss(wrong_where(lambda t: t < 1.0)) > 1.0
+        clean = np.asarray(times[-1]) == 1.0
+        assert 0.2 < clean.mean() < 0.6  # d ~ U{0..7} of 8 actions: 7/16 of them clean on average
+        assert np.all(np.diff(clean.astype(int), axis=1) <= 0)  # clean actions form a prefix
+    staggered = np.asarray(times[-1])
+    spread = [len(set(np.round(row[row < 1], 6))) for row in staggered]
+    assert max(spread) > 1  # some chunks run FASTER's per-action clocks
+    with pytest.raises(ValueError, match="flow"):
+        chunk_policy.training_loss(exact, chunk_policy.Objective("ddpm"), chunk, obs, jax.random.key(0),
+                                   conditioning="prefix", max_delay=2)

@@ -174,3 +174,40 @@ def test_env_batch_matches_single_envs():
             batch.step(np.zeros((3, 4)))
         with pytest.raises(ValueError, match="1..4 episodes"):
             batch.reset(range(5))
+
+
+@needs_metaworld
+def test_delay_simulation_in_metaworld():
+    """The Meta-World timeline of the delay simulator: at d = 0 naive execution is
+    eval_policy's receding-horizon loop, episode for episode; sync at d = 3 has
+    the same episodes, 3 waiting steps per chunk after the first; the hand
+    roll-forward adds the actions' offsets."""
+    import jax.numpy as jnp
+
+    from atoll.core import chunking
+    from atoll.envs import latency
+    from atoll.experiments import eval_policy
+
+    env = mw.MetaWorldEnv(TASK)
+
+    def expert_chunk(weights, obs_BTO, key):  # the expert's action for the newest observation, held
+        a = np.stack([env.expert_action(o) for o in np.asarray(obs_BTO)[:, -1]])
+        return jnp.asarray(np.repeat(a[:, None], 4, axis=1))
+
+    def act(weights, obs_BTO, running, d_plan, first, key):
+        return expert_chunk(weights, obs_BTO, key)
+
+    kw = dict(episodes=3, seed=1000, obs_horizon=2, max_steps=120)
+    succ, length = eval_policy.evaluate_metaworld(TASK, expert_chunk, None, execute_steps=2, **kw)
+    naive = latency.metaworld_async_episodes(TASK, chunking.Strategy("naive_async"), act, None, horizon=4,
+                                             execute_steps=2, **kw)
+    np.testing.assert_array_equal(naive["success"], succ)
+    np.testing.assert_array_equal(naive["length"], length)
+    assert succ.all() and np.all(naive["jerk"] >= 0)
+    sync = latency.metaworld_async_episodes(TASK, chunking.Strategy("sync"), act, None, horizon=4, execute_steps=2,
+                                            delay=2, **kw)
+    np.testing.assert_array_equal(sync["length"], length)
+    np.testing.assert_allclose(sync["time"], (length + 2 * (np.ceil(length / 2) - 1)) * env.dt)
+    rolled = mw.roll_forward(np.zeros(39, np.float32), np.asarray([[1, 0, -2, 1], [1, 1, 0, 0], [5, 5, 5, 5]]), 2)
+    np.testing.assert_allclose(rolled[:4], [0.02, 0.01, -0.01, 0.0])
+    env.close()

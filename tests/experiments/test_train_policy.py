@@ -13,7 +13,7 @@ from atoll.experiments import eval_policy, train_policy
 from atoll.parallel import checkpoint
 
 
-def test_tiny_flow_policy_learns_intercept_and_eval_reproduces_it(tmp_path):
+def test_tiny_flow_policy_learns_intercept_and_eval_reproduces_it(tmp_path, optimized_compiles):
     """One tiny training run (the expensive part) checked four ways: it learns; eval_policy
     from the checkpoint alone (EMA weights, normalizers, config) gives the trainer's final
     figure on the same seed and episodes, twice; a rerun of the
@@ -40,6 +40,14 @@ def test_tiny_flow_policy_learns_intercept_and_eval_reproduces_it(tmp_path):
     assert lo <= a["success"] <= hi and a["per_seed"][0]["seed"] == summary["eval_seed"]
     with pytest.raises(eval_policy.EvalError, match="execute_steps = 5"):
         eval_policy.run(**{**kw, "execute_steps": 5})
+    # the delay simulator at d = 0 runs the same episodes the same way
+    c = eval_policy.run(**kw, strategy="naive_async", delay=0)
+    assert c["per_seed"][0]["successes"] == a["per_seed"][0]["successes"] and c["strategy"] == "naive_async"
+    assert c["per_seed"][0]["mean_time"] == pytest.approx(a["mean_length"] * 0.05)
+    with pytest.raises(eval_policy.EvalError, match="policy.conditioning='vlash'"):
+        eval_policy.run(**kw, strategy="vlash", delay=1)
+    with pytest.raises(eval_policy.EvalError, match="d <= s"):
+        eval_policy.run(**kw, strategy="naive_async", delay=3)
     with pytest.raises(eval_policy.EvalError, match="not a train_policy workdir"):
         eval_policy.run(**{**kw, "checkpoint_path": str(workdir / "tb")})
 
@@ -112,3 +120,29 @@ def test_unet_horizon_and_batch_split_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="divisible by the 8 devices"):
         train_policy.train(c, tmp_path / "w", progress=False)
 
+
+
+def test_vlash_windows_carry_the_robot_state_of_a_later_step():
+    """VLASH's augmentation: for offset δ the newest observation's robot columns
+    (0:4) come from step t + δ (clamped at the episode end) and so do the actions,
+    while the rest of the observation stays at step t."""
+    from atoll.core import policy as policy_nets
+    from atoll.data import demos as demos_lib
+    from atoll.experiments.train_policy import windows
+
+    steps = np.arange(7, dtype=np.float32)  # one episode of 4 steps, one of 3; values = global step index
+    obs = np.repeat(steps[:, None], 6, axis=1) + np.arange(6)[None] * 100
+    demos = demos_lib.Demos(obs, np.repeat(steps[:, None], 2, axis=1), np.asarray([4, 7]), {})
+    ident = policy_nets.Normalizer(np.zeros(6, np.float32), np.ones(6, np.float32))
+    ident_a = policy_nets.Normalizer(np.zeros(2, np.float32), np.ones(2, np.float32))
+    obs_NTO, act_NHA = windows(demos, ident, ident_a, obs_horizon=2, action_horizon=3, offsets=2)
+    assert obs_NTO.shape == (21, 2, 6) and act_NHA.shape == (21, 3, 2)
+    for delta in range(3):
+        for n in range(7):
+            row = delta * 7 + n
+            end = 3 if n < 4 else 6
+            later = min(n + delta, end)
+            assert np.all(obs_NTO[row, -1, :4] == obs[later, :4])  # robot state from t + δ
+            assert np.all(obs_NTO[row, -1, 4:] == obs[n, 4:])  # the target as at t
+            assert np.all(obs_NTO[row, 0] == obs[max(n - 1, 0 if n < 4 else 4)])  # the older frame untouched
+            assert act_NHA[row, 0, 0] == later  # actions start at t + δ

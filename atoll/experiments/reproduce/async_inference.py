@@ -1,0 +1,375 @@
+"""Chunk policies under inference delay: every execution strategy at d in {0, 1, 2, 4(, 8)}
+control steps (issue 10, item 5), next to the Kinetix figures of RTC, VLASH and REMAC.
+
+    python -m atoll.experiments.reproduce.async_inference --preset=ci --out=runs/async
+    python -m atoll.experiments.reproduce.async_inference --preset=full --out=runs/async-full \
+        [--envs=intercept] [--strategies=naive_async,rtc]
+
+The study, per environment of the JAX suite:
+  policies    four flow policies trained on the same expert demos, one per
+              training the strategies need (policy.conditioning): none (sync,
+              naive_async, temporal_ensemble, rtc, fused), prefix (training-time
+              RTC / REMAC-style clean prefixes of d ~ U{0..d_max}), vlash (robot
+              state offset by δ ~ U{0..d_max}) and faster (prefixes + per-action
+              clocks). Same architecture, steps, data and seed.
+  execution   H actions predicted, s executed per chunk, the same s at every d
+              (so d = 0 is the delay-free baseline of the same execution), and
+              d_max <= s <= H - d_max; d is the inference delay in control steps
+              (atoll.envs.latency: asynchronous strategies keep the old chunk
+              running, sync pauses robot and world and pays in time).
+  evaluation  the final EMA policy of each, on the same `episodes` episodes of
+              eval seed 2000 for every strategy and delay (paired comparisons),
+              reporting success (95% Wilson interval), episode time in seconds
+              (sync counts its waits) and the mean jerk of the commanded action.
+
+Writes DIR/results.json ({"runs": [{"env", "strategy", "d", "s", "success",
+"episode_time", "jerk", ...}], ...}), DIR/results.md (success and time per
+strategy and delay, the acceptance checks, the Kinetix figures beside ours)
+and DIR/success_vs_delay.png, DIR/time_and_jerk.png. Policies live in
+DIR/policies/<env>-<conditioning>/ (train_policy workdirs) and evaluations in
+DIR/evals/; both are reused by a rerun with the same --out, so an interrupted
+study resumes.
+
+Presets: `ci` is intercept with H = 8, s = 4, d in {0, 1, 2, 4}, a DiT of width
+64 and depth 2, 1500 steps, 1000 evaluation episodes: a 2-core CPU job of
+about half an hour. `full` adds waypoints, H = 16, s = 8, d up to 8, the
+intercept variant's DiT and 4000 steps, and Meta-World reach and push
+("metaworld:<task>": policy.py:metaworld at the CPU size of
+docs/REPRODUCTIONS.md, 50 episodes per cell, MuJoCo stepping on the CPU;
+VLASH rolls the hand position forward by the actions' offsets). Any
+Meta-World task joins with --envs=metaworld:<task>.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from absl import app, flags
+
+from atoll.core import chunking
+from atoll.experiments.reproduce import cli, runs
+
+EVAL_SEED = 2000
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "ci": {"envs": ("intercept",), "delays": (0, 1, 2, 4), "horizon": 8, "execute_steps": 4, "episodes": 1000,
+           "model": {"dim": 64, "depth": 2, "heads": 2},
+           "train": {"steps": 1500, "batch_size": 128, "lr": 2e-3, "warmup_steps": 100, "log_every": 100,
+                     "checkpoint_every": 500},
+           "eval": {"every": 1500, "final_episodes": 256}},
+    "full": {"envs": ("intercept", "waypoints", "metaworld:reach-v3", "metaworld:push-v3"), "delays": (0, 1, 2, 4, 8),
+             "horizon": 16, "execute_steps": 8, "episodes": 2048, "model": {}, "train": {"steps": 4000},
+             "eval": {"every": 4000, "final_episodes": 1000},
+             # Meta-World: the CPU-sized policy of docs/REPRODUCTIONS.md (reach 96%, push 94% at d = 0)
+             "metaworld": {"episodes": 50, "model": {"dim": 64, "depth": 2, "heads": 2},
+                           "train": {"steps": 3000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 200,
+                                     "checkpoint_every": 1000},
+                           "eval": {"every": 3000, "final_episodes": 50}}},
+}
+METAWORLD = "metaworld:"
+CONDITIONINGS = ("none", "prefix", "vlash", "faster")
+ACCEPTANCE_DELAY = 4
+RECOVERING = ("rtc", "vlash", "prefix")
+
+# Kinetix (12 levels, H = 8, flow MLP-Mixer, d = 0..4): success at d = 0 / 4 as
+# reported (research/robot_policies.md, Table 2; numbers are comparable only
+# within one paper).
+KINETIX = [
+    {"source": "REMAC (2601.20130)", "method": "naive async", "by_d": [0.828, 0.702, 0.639, 0.525, 0.451]},
+    {"source": "REMAC (2601.20130)", "method": "REMAC (prefix training)", "by_d": [0.888, 0.879, 0.859, 0.817, 0.779]},
+    {"source": "REMAC (2601.20130)", "method": "RTC (re-run)", "by_d": [None, None, None, None, 0.588]},
+    {"source": "VLASH (2512.01031)", "method": "naive async", "by_d": [None, None, None, None, 0.512]},
+    {"source": "VLASH (2512.01031)", "method": "VLASH", "by_d": [None, None, None, None, 0.817]},
+]
+
+_ENVS = flags.DEFINE_list("envs", None, "Only these envs: JAX-suite tasks or metaworld:<task> (default: the "
+                                        "preset's).")
+_STRATEGIES = flags.DEFINE_list("strategies", None, f"Only these strategies (of {', '.join(chunking.STRATEGIES)}).")
+
+
+class ReproductionError(ValueError):
+    """An --out folder, env or strategy list this study cannot use as it is."""
+
+
+# ------------------------------------------------------------------- planning
+
+
+def resolve(names: Sequence[str] | None, known: Sequence[str], what: str) -> list[str]:
+    if names is None:
+        return list(known)
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise ReproductionError(f"unknown {what} {unknown or '(none given)'}; choose from {', '.join(known)}")
+    return [n for n in known if n in names]
+
+
+def resolve_envs(names: Sequence[str]) -> list[str]:
+    """JAX-suite task names, or "metaworld:<any v3 task>" (canonicalized)."""
+    from atoll.envs import jax_tasks
+
+    out = []
+    for name in names:
+        if name.startswith(METAWORLD):
+            from atoll.envs import metaworld
+
+            try:
+                out.append(METAWORLD + metaworld.canonical_name(name[len(METAWORLD):]))
+            except ValueError as e:
+                raise ReproductionError(f"unknown env {name!r}: {e}") from None
+        elif name in jax_tasks.TASKS:
+            out.append(name)
+        else:
+            raise ReproductionError(f"unknown env {name!r}; choose from {', '.join(sorted(jax_tasks.TASKS))} or "
+                                    "metaworld:<task>")
+    return out
+
+
+def policy_config(preset: dict, env: str, conditioning: str):
+    """policy.py's variant for one (env, conditioning): the JAX suite's, or
+    metaworld's with the preset's "metaworld" sizes for "metaworld:<task>"."""
+    from atoll.configs import policy
+
+    if env.startswith(METAWORLD):
+        c = policy.get_config("metaworld")
+        c.env.task = env[len(METAWORLD):]
+        sizes = preset["metaworld"]
+    else:
+        c = policy.get_config("waypoints" if env == "waypoints" else "intercept")
+        c.env.task = env
+        sizes = preset
+    c.policy.update(action_horizon=preset["horizon"], execute_steps=preset["execute_steps"],
+                    conditioning=conditioning, max_delay=max(preset["delays"]) if conditioning != "none" else 0)
+    c.model.update(**sizes["model"])
+    c.train.update(**sizes["train"])
+    c.eval.update(**sizes["eval"])
+    c.mesh.data = 1  # a small model: splitting its batch over CPU devices only adds collectives
+    policy.validate(c)
+    return c
+
+
+def check_reusable(workdir: Path, config) -> None:
+    saved = workdir / "config.json"
+    if not saved.exists():
+        return
+    from atoll.experiments.reproduce.metaworld_policy import config_differences
+
+    differ = config_differences(json.loads(saved.read_text()), json.loads(config.to_json_best_effort()))
+    if differ:
+        raise ReproductionError(f"{workdir} holds a policy with a different {', '.join(differ[:4])} (another "
+                                "preset?); use another --out or delete that folder (nothing was changed)")
+
+
+def train_policy_or_reuse(workdir: Path, config, progress: bool) -> dict:
+    check_reusable(workdir, config)
+    summary = workdir / "summary.json"
+    if summary.exists():
+        return json.loads(summary.read_text())
+    from atoll.experiments.train_policy import train
+
+    return train(config, workdir, progress=progress)
+
+
+def evaluate_or_reuse(path: Path, workdir: Path, env: str, strategy: str, d: int, s: int, episodes: int) -> dict:
+    """One (env, strategy, d) cell: success, time and jerk over `episodes` episodes."""
+    if path.exists():
+        return json.loads(path.read_text())
+    from absl import logging
+
+    from atoll.experiments import eval_policy, outputs
+
+    logging.set_verbosity(logging.ERROR)  # orbax warns about checkpoint metadata a read does not need
+    config, policy, weights, _ = eval_policy.load_policy(workdir)
+    t0 = time.perf_counter()
+    if env.startswith(METAWORLD):
+        out = eval_policy.evaluate_metaworld_strategy(env[len(METAWORLD):], policy, chunking.Strategy(strategy),
+                                                      weights, episodes=episodes, seed=EVAL_SEED, execute_steps=s,
+                                                      delay=d, max_steps=config.env.max_steps or 500)
+    else:
+        task = eval_policy.jax_task(env, config.env.max_steps)
+        out = eval_policy.evaluate_jax_strategy(task, policy, chunking.Strategy(strategy), weights,
+                                                episodes=episodes, seed=EVAL_SEED, execute_steps=s, delay=d)._asdict()
+    summary = eval_policy.summarize(out["success"], out["length"])
+    row = {"env": env, "strategy": strategy, "d": int(d), "s": int(s), "success": summary["success"],
+           "episode_time": float(np.mean(out["time"])), "jerk": float(np.mean(out["jerk"])),
+           "success_ci95": summary["success_ci95"], "episodes": summary["episodes"],
+           "mean_length": summary["mean_length"], "horizon": policy.action_horizon,
+           "conditioning": config.policy.conditioning, "eval_seed": EVAL_SEED,
+           "seconds": time.perf_counter() - t0}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    outputs.write_json(path, row)
+    return row
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def acceptance(rows: Sequence[dict], env: str, d: int = ACCEPTANCE_DELAY) -> dict | None:
+    """The issue's ci checks on one env at delay d: naive loses >= 10 points
+    against d = 0; some of rtc / vlash / prefix is within 5 points of d = 0 and
+    finishes episodes faster than sync at d."""
+    cell = {(r["strategy"], r["d"]): r for r in rows if r["env"] == env}
+    base = cell.get(("naive_async", 0))
+    naive, sync = cell.get(("naive_async", d)), cell.get(("sync", d))
+    if base is None or naive is None:
+        return None
+    recovered = []
+    for name in RECOVERING:
+        r = cell.get((name, d))
+        if r is None:
+            continue
+        recovered.append({"strategy": name, "success": r["success"], "gap": base["success"] - r["success"],
+                          "within_5": base["success"] - r["success"] <= 0.05,
+                          "faster_than_sync": sync is not None and r["episode_time"] < sync["episode_time"]})
+    return {"env": env, "d": d, "d0_success": base["success"], "naive_success": naive["success"],
+            "naive_loss": base["success"] - naive["success"],
+            "naive_loses_10": base["success"] - naive["success"] >= 0.10,
+            "sync_time": None if sync is None else sync["episode_time"], "recovering": recovered,
+            "holds": base["success"] - naive["success"] >= 0.10 and any(
+                r["within_5"] and r["faster_than_sync"] for r in recovered)}
+
+
+# ------------------------------------------------------------------ outputs
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def results_markdown(results: dict) -> str:
+    rows, setting = results["runs"], results["setting"]
+    lines = [f"# Chunk policies under inference delay, preset `{results['preset']}`", "",
+             f"Flow DiT policies trained on scripted-expert demos; H = {setting['horizon']} predicted, "
+             f"s = {setting['execute_steps']} executed per chunk at every delay; {setting['episodes']} episodes of "
+             f"eval seed {EVAL_SEED} per cell (the same episodes for every strategy and delay). d: inference delay in "
+             "control steps. Cells: success (mean episode time in s). Sync pauses robot and world while it infers, "
+             "so its success is d = 0's and its time grows with d.", ""]
+    for env in results["envs"]:
+        cell = {(r["strategy"], r["d"]): r for r in rows if r["env"] == env}
+        delays = sorted({r["d"] for r in rows if r["env"] == env})
+        lines += [f"## {env}", "", "| strategy | " + " | ".join(f"d = {d}" for d in delays) + " | jerk at d = "
+                  f"{delays[-1]} |", "|---|" + "---|" * (len(delays) + 1)]
+        for name in results["strategies"]:
+            cells = [f"{_pct(cell[(name, d)]['success'])} ({cell[(name, d)]['episode_time']:.2f})"
+                     if (name, d) in cell else "–" for d in delays]
+            last = cell.get((name, delays[-1]))
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {'–' if last is None else format(last['jerk'], '.0f')} |")
+        lines.append("")
+        acc = acceptance(rows, env)
+        if acc:
+            lines += acceptance_lines(acc)
+    lines += kinetix_lines()
+    return "\n".join(lines) + "\n"
+
+
+def acceptance_lines(acc: dict) -> list[str]:
+    out = [f"Acceptance (the issue's `ci` checks at d = {acc['d']}): naive asynchronous execution succeeds "
+           f"{_pct(acc['naive_success'])} against {_pct(acc['d0_success'])} at d = 0, a loss of "
+           f"{100 * acc['naive_loss']:.1f} points ({'≥' if acc['naive_loses_10'] else '<'} 10)."]
+    for r in acc["recovering"]:
+        out.append(f"- {r['strategy']}: {_pct(r['success'])}, {100 * r['gap']:.1f} points below d = 0 "
+                   f"({'within' if r['within_5'] else 'not within'} 5), "
+                   f"{'faster' if r['faster_than_sync'] else 'not faster'} than sync per episode.")
+    out += [f"The criterion {'holds' if acc['holds'] else 'does NOT hold'} in this measurement.", ""]
+    return out
+
+
+def kinetix_lines() -> list[str]:
+    out = ["Kinetix, as reported (12 levels, H = 8, flow MLP-Mixer, 1024–2048 rollouts per point; numbers compare "
+           "only within one paper):", "", "| source | method | d = 0 | 1 | 2 | 3 | 4 |", "|---|---|---|---|---|---|---|"]
+    for k in KINETIX:
+        out.append(f"| {k['source']} | {k['method']} | " + " | ".join(_pct(x) for x in k["by_d"]) + " |")
+    out += ["", "Our tasks are not Kinetix: a point mass chasing a target that re-steers at random times, where a "
+                "stale plan misses by construction. Compare directions (how much each strategy loses with d, "
+                "which ones recover), not levels."]
+    return out
+
+
+def plot(out: Path, results: dict) -> list[Path]:
+    from atoll.experiments import outputs
+
+    rows, envs = results["runs"], results["envs"]
+    fig, axes = outputs.subplots(1, len(envs), figsize=(5.5 * len(envs), 4), squeeze=False)
+    fig2, axes2 = outputs.subplots(2, len(envs), figsize=(5.5 * len(envs), 6.5), squeeze=False)
+    for i, env in enumerate(envs):
+        for name in results["strategies"]:
+            pts = sorted((r["d"], r) for r in rows if r["env"] == env and r["strategy"] == name)
+            if not pts:
+                continue
+            ds = [d for d, _ in pts]
+            axes[0][i].plot(ds, [r["success"] for _, r in pts], "o-", label=name)
+            axes2[0][i].plot(ds, [r["episode_time"] for _, r in pts], "o-", label=name)
+            axes2[1][i].plot(ds, [r["jerk"] for _, r in pts], "o-", label=name)
+        axes[0][i].set(title=env, xlabel="inference delay d (control steps)", ylabel="success rate", ylim=(-0.02, 1.02))
+        axes2[0][i].set(title=env, ylabel="mean episode time (s)")
+        axes2[1][i].set(xlabel="inference delay d (control steps)", ylabel="mean jerk of the command")
+        for ax in (axes[0][i], axes2[0][i], axes2[1][i]):
+            ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    axes2[0][-1].legend(fontsize=8)
+    return [runs.save_figure(fig, out / "success_vs_delay.png"), runs.save_figure(fig2, out / "time_and_jerk.png")]
+
+
+# --------------------------------------------------------------------- study
+
+
+def run_study(preset_name: str, out: Path, envs: Sequence[str] | None = None,
+              strategies: Sequence[str] | None = None, progress: bool = True,
+              preset: dict | None = None) -> dict:
+    """Trains (or reuses) the policies, evaluates every cell, writes the outputs; returns results."""
+    from atoll.experiments import outputs
+
+    preset = dict(preset or PRESETS[preset_name])
+    envs = resolve_envs(envs) if envs else list(preset["envs"])
+    strategies = resolve(strategies, chunking.STRATEGIES, "strategy")
+    H, s, delays = preset["horizon"], preset["execute_steps"], tuple(preset["delays"])
+    for name in strategies:
+        chunking.check_horizons(name, max(delays), s, H)
+    needed = sorted({chunking.Strategy(n).conditioning for n in strategies}, key=CONDITIONINGS.index)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, policies = [], {}
+    for env in envs:
+        for cond in needed:
+            workdir = out / "policies" / f"{env.replace(':', '-')}-{cond}"
+            print(f"== policy {env} / conditioning {cond}", flush=True)
+            summary = train_policy_or_reuse(workdir, policy_config(preset, env, cond), progress)
+            policies[(env, cond)] = {"success_d0_training_eval": summary["success"],
+                                     "expert_success": summary["expert_success"], "workdir": str(workdir.relative_to(out))}
+        episodes = preset["metaworld"]["episodes"] if env.startswith(METAWORLD) else preset["episodes"]
+        for name in strategies:
+            workdir = out / "policies" / f"{env.replace(':', '-')}-{chunking.Strategy(name).conditioning}"
+            for d in delays:
+                path = out / "evals" / f"{env.replace(':', '-')}-{name}-d{d}-s{s}.json"
+                row = evaluate_or_reuse(path, workdir, env, name, d, s, episodes)
+                print(f"   {env} {name:>17} d={d}: success {row['success']:.1%}, time {row['episode_time']:.2f} s, "
+                      f"jerk {row['jerk']:.0f}", flush=True)
+                rows.append(row)
+    results = {"preset": preset_name, "envs": envs, "strategies": strategies, "runs": rows,
+               "setting": {"horizon": H, "execute_steps": s, "delays": list(delays), "episodes": preset["episodes"],
+                           "eval_seed": EVAL_SEED, "train_steps": preset["train"].get("steps")},
+               "policies": [{"env": e, "conditioning": c, **v} for (e, c), v in policies.items()],
+               "acceptance": [a for a in (acceptance(rows, e) for e in envs) if a]}
+    outputs.write_json(out / "results.json", results)
+    (out / "results.md").write_text(results_markdown(results))
+    plot(out, results)
+    return results
+
+
+def main(argv) -> None:
+    del argv
+    out = cli.start_training_run(1)
+    try:
+        run_study(cli.PRESET.value, out, _ENVS.value, _STRATEGIES.value, progress=cli.SHOW_PROGRESS.value)
+    except (ReproductionError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print((out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    app.run(main)
