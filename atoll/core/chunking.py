@@ -40,15 +40,16 @@ computed from the observation at t_c:
                      ceil(d·k_i/n) steps; prev[j] runs only where new[j] is not
                      ready yet. Trained with the same schedule.
   fused              naive bookkeeping, with the new chunk blended into the old
-                     one at the seam (`fuse`): a quintic correction that makes
-                     the executed sequence continuous in value, first and
-                     second difference (position, velocity and acceleration of
-                     a position-like action signal) and vanishes after
-                     fuse_steps steps (VLA-RAIL's min-jerk mode).
+                     one at the seam (`fuse`): a quintic correction that takes
+                     over the old plan's value exactly and its slope and
+                     curvature approximately (position, velocity and
+                     acceleration of a position-like action signal) and
+                     vanishes after fuse_steps steps (VLA-RAIL's min-jerk mode).
 
 Invariants (`check_horizons`): 1 <= s <= H always; asynchronous strategies
 keep one inference in flight, so d_plan <= s, and the old chunk must cover the
-wait, so s <= H - d_plan (vlash only needs s <= H: its new chunk starts later).
+wait, so s <= H - d_plan (vlash too: the episode's first chunk starts at once,
+so the next cycle's wait runs on its rows s..s+d_plan-1).
 
 Flow time convention: as atoll.core.diffusion, t = 0 noise and t = 1 data; a
 clean prefix action has time 1.
@@ -79,7 +80,9 @@ class Strategy:
     rtc_beta: the guidance clip β (RTC's Kinetix code: 5); rtc_schedule: the
     prefix mask's decay (exp, linear, or hard: 1 on the first d actions only).
     te_decay: ACT's m in exp(-m·i). faster_alpha, faster_u0: FASTER's α and
-    u0 (None: (n - 1)/n, so the first action is final after one step).
+    u0 (None: (n - 1)/n, so the first action is final after one step; the
+    trainer's `faster` conditioning uses α = 0.6 and that u0, so other values
+    sample off the trained schedule).
     fuse_steps: how many steps the fuser's correction lasts.
     """
 
@@ -120,11 +123,13 @@ def check_horizons(name: str, d_plan: int, s: int, H: int) -> None:
     if d_plan < 0:
         raise ValueError(f"delay d = {d_plan} must be >= 0")
     if name == "sync":
+        if d_plan > H:
+            raise ValueError(f"sync: delay d = {d_plan} exceeds the chunk length H = {H} this simulation covers")
         return
     if d_plan > s:
         raise ValueError(f"{name}: delay d = {d_plan} exceeds execute_steps s = {s}; asynchronous execution keeps "
                          "one inference in flight, so it needs d <= s (execute more steps per chunk)")
-    if name != "vlash" and s > H - d_plan:
+    if s > H - d_plan:
         raise ValueError(f"{name}: s = {s} > H - d = {H - d_plan}; the running chunk must cover the d steps of "
                          "the next inference, so it needs s <= H - d (a longer chunk or fewer executed steps)")
 
@@ -214,11 +219,13 @@ def faster_plan(strategy: Strategy, d_plan, d, H: int, n: int):
 
 def fuse(prev_BHA, new_BHA, seam, steps: int):
     """The new chunk with a correction c that makes [prev[:seam], new[seam:] + c[seam:]]
-    continuous at the seam in value, slope and curvature (each chunk's forward
-    differences at the seam: the old plan's continuation is what the robot was
-    following), c a quintic in k = i - seam that vanishes with its first two
-    derivatives at k = steps and is 0 after. seam may be traced (scalar or [B]),
-    0 <= seam <= H - 3."""
+    take over the old plan's value at the seam exactly and its slope and
+    curvature (forward differences of each chunk at the seam, matched as
+    continuous-time derivatives of the quintic) approximately: c is a quintic in
+    k = i - seam that vanishes with its first two derivatives at k = steps and
+    is 0 after, so on the step grid the slope and curvature mismatch shrink by
+    a factor that grows with `steps` (tests/core/test_chunking.py measures it).
+    seam may be traced (scalar or [B]), 0 <= seam <= H - 3."""
     H = prev_BHA.shape[-2]
     seam = jnp.broadcast_to(jnp.asarray(seam), prev_BHA.shape[:-2])
 

@@ -62,7 +62,10 @@ def main(argv) -> None:
         sys.exit(2)
     if _WARM_UP.value:
         meta = policy.metadata()
-        server.warm_up({"state": np.zeros(meta["obs_dim"], np.float32)})
+        plain = {"state": np.zeros(meta["obs_dim"], np.float32)}
+        guided = {**plain, "running_actions": np.zeros((meta["action_horizon"], meta["action_dim"]), np.float32),
+                  "delay": 0}
+        server.warm_up(plain, *([guided] if _STRATEGY.value in ("rtc", "prefix", "faster") else []))
     logging.set_verbosity(logging.WARNING)
     try:
         asyncio.run(server.serve_forever())

@@ -17,7 +17,7 @@ class PolicyClient:
     def __init__(self, host: str = "127.0.0.1", port: int = 8000, timeout: float = 60.0):
         from websockets.sync.client import connect
 
-        self._connect = connect(f"ws://{host}:{port}", max_size=2**24, compression=None, open_timeout=timeout)
+        self._connect = connect(f"ws://{host}:{port}", max_size=None, compression=None, open_timeout=timeout)
         self._ws = self._connect.__enter__()  # entered here: the connection lives as long as the client
         self.timeout = timeout
         self.metadata: dict[str, Any] = wire.unpackb(self._ws.recv(timeout=timeout))

@@ -4,14 +4,16 @@ Every s control ticks (and whenever none is in flight after that) the loop
 asks for a new chunk in a background thread, with the observation of that
 tick, the plan it is executing (aligned to that tick, for strategies that
 condition on it) and its delay estimate d_plan. Meanwhile it keeps popping
-actions off its plan at `hz`. When the chunk arrives, the number of actions
-the loop consumed while waiting is the measured delay d, and the strategy
-(atoll.core.chunking) decides the new plan:
+actions off its plan at `hz`. At the start of every tick it looks whether the
+chunk has arrived; the number of actions it sent since the request is the
+measured delay d (a chunk back within one tick period: d = 1), and the
+strategy (atoll.core.chunking) decides the new plan:
 
   naive_async, rtc, prefix, faster   the new chunk from row d on
   vlash                              the old plan until d_plan, then the new chunk
                                      (it was computed for that tick)
   fused                              the new chunk blended into the old at row d
+                                     (plain switch when d > H - 3)
   temporal_ensemble                  every chunk covering a tick votes (ACT)
   sync                               the loop waits for the chunk (no actions
                                      are sent meanwhile) and runs it from row 0
@@ -111,14 +113,14 @@ class Runtime:
             self._votes.append((self.stats.ticks - d, chunk))
             self._votes = [(t, c) for t, c in self._votes if t + len(c) > self.stats.ticks]
             return
+        offset = d_plan if name == "vlash" else 0  # row 0 of a VLASH chunk is for d_plan ticks after the request
         if old is None or name == "sync":
-            self._plan = chunk[min(d, len(chunk) - 1):] if name != "sync" else chunk
+            self._plan = chunk if name == "sync" else chunk[min(max(d - offset, 0), len(chunk) - 1):]
             return
         if name == "vlash":
             self._plan = np.concatenate([old[d:d_plan], chunk]) if d < d_plan else chunk[d - d_plan:]
-        elif name == "fused":
-            seam = min(d, self.H - 3)
-            fused = np.asarray(chunking.fuse(old[None], chunk[None], seam, self.strategy.fuse_steps))[0]
+        elif name == "fused" and d <= self.H - 3:  # the fuser needs three rows from the seam on
+            fused = np.asarray(chunking.fuse(old[None], chunk[None], d, self.strategy.fuse_steps))[0]
             self._plan = fused[d:]
         else:
             self._plan = chunk[d:]
@@ -170,6 +172,8 @@ class Runtime:
         period = 1.0 / self.hz
         next_tick = self.clock()
         for _ in range(steps):
+            if self._flight is not None and self._flight["done"].is_set():  # arrived since the last tick
+                self._finish_request()
             if self._flight is None and (self._last is None or self._since_request >= self.s):
                 self._start_request()
             if self._flight is not None and (self._last is None or self.strategy.name == "sync"):
@@ -190,8 +194,6 @@ class Runtime:
             self._since_request += 1
             if self._flight is not None:
                 self._flight["consumed"] += 1
-                if self._flight["done"].is_set():
-                    self._finish_request()
             next_tick += period
             wait = next_tick - self.clock()
             if wait > 0:

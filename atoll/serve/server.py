@@ -73,6 +73,17 @@ class ServerStats:
         return {f"p{q}": float(np.percentile(lat, q)) for q in qs} if lat.size else {}
 
 
+async def _send(ws, message) -> bool:
+    """Sends; False when the client has gone (its request was answered into the void)."""
+    from websockets.exceptions import ConnectionClosed
+
+    try:
+        await ws.send(message)
+        return True
+    except ConnectionClosed:
+        return False
+
+
 class PolicyServer:
     """Serves `policy` on ws://host:port (port 0: any free port, see `port` once started)."""
 
@@ -88,15 +99,17 @@ class PolicyServer:
         self._server = None
         self._batcher: asyncio.Task | None = None
 
-    def warm_up(self, example_obs: Mapping[str, Any]) -> None:
-        """Compiles every padded batch size before the first client waits on it."""
-        request = self.policy.parse(example_obs, self.policy.new_session())
-        size = 1
-        while True:
-            self.policy.infer([request], size)
-            if size >= self.max_batch:
-                break
-            size = min(size * 2, self.max_batch)
+    def warm_up(self, *example_obs: Mapping[str, Any]) -> None:
+        """Compiles every padded batch size, for each kind of example request
+        (e.g. a plain one and one with a running chunk), before a client waits."""
+        for obs in example_obs:
+            request = self.policy.parse(obs, self.policy.new_session())
+            size = 1
+            while True:
+                self.policy.infer([request] * size, size)
+                if size >= self.max_batch:
+                    break
+                size = min(size * 2, self.max_batch)
 
     # -------------------------------------------------------------- serving
 
@@ -108,10 +121,12 @@ class PolicyServer:
             t0 = time.perf_counter()
             try:
                 request = self.policy.parse(wire.unpackb(message), session)
-            except (wire.WireError, RequestError) as e:
+            except Exception as e:  # noqa: BLE001 - whatever a request holds, only its sender hears about it
                 self.stats.errors += 1
-                logging.warning("bad request: %s", e)
-                await ws.send(f"error: {e}")
+                text = str(e) if isinstance(e, (wire.WireError, RequestError)) else f"{type(e).__name__}: {e}"
+                logging.warning("bad request: %s", text)
+                if not await _send(ws, f"error: {text}"):
+                    return
                 continue
             done: asyncio.Future = asyncio.get_running_loop().create_future()
             await self._queue.put((request, done))
@@ -120,11 +135,13 @@ class PolicyServer:
             except Exception as e:  # an inference failure answers that request, the server goes on
                 self.stats.errors += 1
                 logging.error("inference failed: %s", e)
-                await ws.send(f"error: inference failed: {type(e).__name__}: {e}")
+                if not await _send(ws, f"error: inference failed: {type(e).__name__}: {e}"):
+                    return
                 continue
             total_ms = (time.perf_counter() - t0) * 1e3
-            await ws.send(wire.packb({"actions": actions, "server_timing": {"infer_ms": infer_ms,
-                                                                            "total_ms": total_ms}}))
+            if not await _send(ws, wire.packb({"actions": actions, "server_timing": {"infer_ms": infer_ms,
+                                                                                     "total_ms": total_ms}})):
+                return
             self.stats.requests += 1
             self.stats.latency_ms.append(total_ms)
             self.stats.infer_ms.append(infer_ms)
@@ -162,7 +179,8 @@ class PolicyServer:
 
         self._queue = asyncio.Queue()
         self._batcher = asyncio.create_task(self._batch_loop())
-        self._server = await serve(self._handle, self.host, self.port, max_size=2**24, compression=None)
+        # No message size limit, as openpi's own server and client (camera images add up).
+        self._server = await serve(self._handle, self.host, self.port, max_size=None, compression=None)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
@@ -258,8 +276,11 @@ class ChunkPolicyServer:
 
     def _array(self, obs: Mapping, key: str, shapes: list[tuple[int, ...]]) -> np.ndarray:
         value = obs[key]
-        if not isinstance(value, np.ndarray):
-            value = np.asarray(value) if isinstance(value, (list, tuple, float, int)) else value
+        if not isinstance(value, np.ndarray) and isinstance(value, (list, tuple, float, int)):
+            try:
+                value = np.asarray(value)
+            except ValueError as e:  # a ragged list
+                raise RequestError(f"{key!r} is not a rectangular array: {e}") from None
         if not isinstance(value, np.ndarray) or value.dtype.kind not in "fiu":
             raise RequestError(f"{key!r} must be a numeric array, got {type(value).__name__}"
                                + (f" of {value.dtype}" if isinstance(value, np.ndarray) else ""))
@@ -280,10 +301,13 @@ class ChunkPolicyServer:
                                f"{sorted(map(str, obs))}")
         T, O = self.policy.obs_horizon, self.obs_dim
         state = self._array(obs, key, [(O,), (T, O)])
+        reset = obs.get("reset", False)
+        if not isinstance(reset, (bool, np.bool_, int)):
+            raise RequestError(f"'reset' must be true or false, got {type(reset).__name__}")
         if state.ndim == 2:
             history = state
         else:
-            if obs.get("reset") or session.history is None:
+            if reset or session.history is None:
                 session.history = np.repeat(state[None], T, axis=0)
             else:
                 session.history = np.concatenate([session.history[1:], state[None]])

@@ -75,6 +75,8 @@ def test_an_openpi_style_client_gets_metadata_and_actions(served):
     (wire.packb({"state": np.zeros(OBS + 1)}), "has shape (9,)"),
     (wire.packb({"state": "eight numbers"}), "numeric array"),
     (wire.packb({"state": np.full(OBS, np.nan)}), "NaN"),
+    (msgpack.packb({"state": [[1.0, 2.0], [3.0]]}), "not a rectangular array"),
+    (wire.packb({"state": np.zeros(OBS), "reset": np.ones(3)}), "'reset' must be true or false"),
     (msgpack.packb({"state": {b"__ndarray__": True, b"data": b"\x00" * 3, b"dtype": "<f4", b"shape": [OBS]}}),
      "malformed array"),
     (wire.packb({"state": np.zeros(OBS), "running_actions": np.zeros((T_O, OBS)), "delay": -1}), "'delay'"),

@@ -245,14 +245,15 @@ def results_markdown(results: dict) -> str:
     rows, setting = results["runs"], results["setting"]
     lines = [f"# Chunk policies under inference delay, preset `{results['preset']}`", "",
              f"Flow DiT policies trained on scripted-expert demos; H = {setting['horizon']} predicted, "
-             f"s = {setting['execute_steps']} executed per chunk at every delay; {setting['episodes']} episodes of "
-             f"eval seed {EVAL_SEED} per cell (the same episodes for every strategy and delay). d: inference delay in "
+             f"s = {setting['execute_steps']} executed per chunk at every delay; the same episodes of eval seed "
+             f"{EVAL_SEED} for every strategy and delay of an environment. d: inference delay in "
              "control steps. Cells: success (mean episode time in s). Sync pauses robot and world while it infers, "
              "so its success is d = 0's and its time grows with d.", ""]
     for env in results["envs"]:
         cell = {(r["strategy"], r["d"]): r for r in rows if r["env"] == env}
         delays = sorted({r["d"] for r in rows if r["env"] == env})
-        lines += [f"## {env}", "", "| strategy | " + " | ".join(f"d = {d}" for d in delays) + " | jerk at d = "
+        episodes = sorted({r["episodes"] for r in rows if r["env"] == env})
+        lines += [f"## {env}", "", f"{', '.join(map(str, episodes))} episodes per cell.", "", "| strategy | " + " | ".join(f"d = {d}" for d in delays) + " | jerk at d = "
                   f"{delays[-1]} |", "|---|" + "---|" * (len(delays) + 1)]
         for name in results["strategies"]:
             cells = [f"{_pct(cell[(name, d)]['success'])} ({cell[(name, d)]['episode_time']:.2f})"
