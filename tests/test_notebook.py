@@ -51,11 +51,11 @@ def test_robot_policy_notebook_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", re.sub(r"--xla_force_host_platform_device_count=\d+", "",
                                            os.environ.get("XLA_FLAGS", "")).strip())
     cells = _run_notebook("robot_policy.ipynb", tmp_path, monkeypatch, VARIANT="tiny", STEPS="60", EPISODES="16",
-                          SWEEP="2,4", WORKDIR=str(tmp_path / "run"))
+                          SWEEP="2", WORKDIR=str(tmp_path / "run"))
     text = _text(cells)
     assert "[CpuDevice(id=0)]" in text, text[:200]
     assert "finished at step 60" in text and "policy: success" in text and "expert: success" in text, text
-    assert "s = 2: success" in text and "s = 4: success" in text, _text(cells[-1:])
+    assert "s = 2: success" in text, _text(cells[-1:])
     figures = [o for c in cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(figures) == 4, [list(o.get("data", {})) for c in cells for o in c.get("outputs", [])]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

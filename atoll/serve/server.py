@@ -212,9 +212,17 @@ class BackgroundServer:
         return self.server.port
 
     def __exit__(self, *exc) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop).result(timeout=60)
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=60)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+        self._loop.close()
+
+    async def _shutdown(self) -> None:
+        await self.server.stop()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # let them finish before the loop stops
 
 
 # ------------------------------------------------------------ chunk policies

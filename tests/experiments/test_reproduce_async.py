@@ -7,7 +7,7 @@ import pytest
 from atoll.core import chunking
 from atoll.experiments.reproduce import async_inference as ai
 
-MICRO = dict(ai.PRESETS["ci"], delays=(0, 4), episodes=32,
+MICRO = dict(ai.PRESETS["ci"], delays=(0, 4), episodes=32, num_demos=16,
              train={"steps": 20, "batch_size": 32, "lr": 2e-3, "warmup_steps": 5, "log_every": 10,
                     "checkpoint_every": 20},
              eval={"every": 20, "final_episodes": 16, "episodes": 16})

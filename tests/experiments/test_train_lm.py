@@ -110,13 +110,17 @@ def test_cli_trains_and_reports(tmp_path):
 
 
 def test_a_new_process_resumes_to_the_same_params(tmp_path):
-    """4 steps straight == 2 steps, exit, a new process restores and trains 2 more (lazy saves)."""
+    """4 steps straight (here) == 2 steps in one process, exit, a new process restores
+    and trains 2 more (lazy saves); the CLI processes see this one's 8 devices."""
     config = os.path.join(os.getcwd(), "atoll/configs/lm.py:tiny")
     common = (f"--config={config}", "--config.train.steps=4", "--config.train.checkpoint_every=2",
               "--config.model.num_layers=1", "--config.data.seq_len=32", "--config.train.eval_batches=1",
               "--config.train.batch_size=8", "--progress=false")
-    for args in ((f"--workdir={tmp_path}/straight",), (f"--workdir={tmp_path}/split", "--stop_at_step=2"),
-                 (f"--workdir={tmp_path}/split",)):
+    c = lm.get_config("tiny")
+    c.train.update(steps=4, checkpoint_every=2, eval_batches=1, batch_size=8)
+    c.model.num_layers, c.data.seq_len = 1, 32
+    train(c, tmp_path / "straight", progress=False)
+    for args in ((f"--workdir={tmp_path}/split", "--stop_at_step=2"), (f"--workdir={tmp_path}/split",)):
         out = _cli(*common, *args, cwd=tmp_path)
         assert out.returncode == 0, out.stderr[-2000:]
     assert "resuming split from its checkpoint at step 2" in out.stdout

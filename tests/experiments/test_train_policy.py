@@ -27,13 +27,13 @@ def test_tiny_flow_policy_learns_intercept_and_eval_reproduces_it(tmp_path, opti
     rows = [json.loads(r) for r in (workdir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:2])
-    assert [r["step"] for r in rows if "success" in r] == [300, 600]
+    assert [r["step"] for r in rows if "success" in r] == [200, 400]
 
     kw = dict(checkpoint_path=str(workdir), step=None, policy_kind="checkpoint", task=None, suite=None,
               episodes=summary["eval_episodes"], seeds=[summary["eval_seed"]], execute_steps=None, max_steps=None,
               progress=False)
     a = eval_policy.run(**kw)
-    assert a["success"] == summary["success"] and a["step"] == 600
+    assert a["success"] == summary["success"] and a["step"] == 400
     b = eval_policy.run(**kw)
     assert a["per_seed"] == b["per_seed"]
     lo, hi = a["success_ci95"]
@@ -52,9 +52,9 @@ def test_tiny_flow_policy_learns_intercept_and_eval_reproduces_it(tmp_path, opti
         eval_policy.run(**{**kw, "checkpoint_path": str(workdir / "tb")})
 
     again = train_policy.train(policy_config.get_config("tiny"), workdir, progress=False)
-    assert again["resumed_from"] == 600 and again["success"] == summary["success"]
+    assert again["resumed_from"] == 400 and again["success"] == summary["success"]
     rows = [json.loads(r) for r in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "success" in r] == [300, 600]
+    assert [r["step"] for r in rows if "success" in r] == [200, 400]
 
 
 def test_wilson_interval():

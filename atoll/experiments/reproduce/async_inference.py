@@ -148,6 +148,7 @@ def policy_config(preset: dict, env: str, conditioning: str):
     c.model.update(**sizes["model"])
     c.train.update(**sizes["train"])
     c.eval.update(**sizes["eval"])
+    c.data.num_demos = sizes.get("num_demos", c.data.num_demos)
     c.mesh.data = 1  # a small model: splitting its batch over CPU devices only adds collectives
     policy.validate(c)
     return c
