@@ -10,6 +10,7 @@ WORKDIR ?= runs/demo
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev,robot]'
 	touch $(STAMP)
 
