@@ -176,6 +176,35 @@ class _Islands(islands.IslandTrainer):
         self.param_shardings = self.inner_shardings["params"]
 
 
+# Engines (jitted steps, syncs and their caches; no run state) by configuration:
+# a process that trains one configuration again (a resumed run, a notebook's
+# rerun, a test's straight and split runs) skips tracing it again, most of a
+# small run's start-up. Data, ledgers and checkpoints stay per run.
+_ENGINES: dict[str, tuple] = {}
+_ENGINE_CACHE_SIZE = 4
+
+
+def _engine(config, mesh, model_config: TransformerConfig):
+    """(model, lr schedule, engine, eval step) for this configuration and mesh."""
+    saved = json.loads(config.to_json_best_effort())
+    key = json.dumps({**{k: saved.get(k) for k in ("model", "train", "outer", "mesh")},
+                      "seq_len": config.data.seq_len, "axes": list(mesh.axis_names),
+                      "devices": [int(d.id) for d in mesh.devices.flat], "processes": jax.process_count()},
+                     sort_keys=True)
+    if key not in _ENGINES:
+        model = Transformer(model_config, expert_fn=experts.expert_fn_for(mesh),
+                            attention_fn=context_lm.attention_fn_for(mesh, model_config.context_parallel))
+        tx, schedule = optim.adamw_from_config(config.train)
+        spec, seq_len = lm_config.outer_spec(config), config.data.seq_len
+        engine = (_Replicated(model, tx, mesh, seq_len) if spec is None
+                  else _Islands(model, tx, mesh, seq_len, spec, lm_config.island_schedule(config)))
+        eval_fn = train_state.make_eval_step(model, mesh, engine.param_shardings)
+        if len(_ENGINES) >= _ENGINE_CACHE_SIZE:
+            _ENGINES.pop(next(iter(_ENGINES)))
+        _ENGINES[key] = (model, schedule, engine, eval_fn)
+    return _ENGINES[key]
+
+
 def _saved_island_count(workdir: Path) -> int | None:
     path = workdir / "config.json"
     if not path.exists() or not (workdir / "checkpoints").exists():
@@ -277,8 +306,6 @@ def train(
         raise ConfigError(f"config.model.vocab_size = {c.vocab_size} is smaller than the data's "
                           f"vocabulary ({corpus.vocab_size} tokens in {corpus.source})")
     model_config = TransformerConfig.from_dict(c)
-    model = Transformer(model_config, expert_fn=experts.expert_fn_for(mesh),
-                        attention_fn=context_lm.attention_fn_for(mesh, model_config.context_parallel))
     context_bytes = _context_bytes(config, mesh)
     if context_bytes is not None and outputs.is_writer():
         print(f"context parallelism: {c.context_parallel} over {mesh_lib.mesh_sizes(mesh)['context']} devices, "
@@ -286,14 +313,11 @@ def train(
               f"(forward {context_bytes['forward'] / 2**20:.2f}, backward {context_bytes['backward'] / 2**20:.2f})",
               flush=True)
     moe_blocks = model_config.moe_blocks()
-    tx, schedule = optim.adamw_from_config(t)
     seq_len = config.data.seq_len
-    spec = lm_config.outer_spec(config)
     data = text.BatchIterator(corpus.train, global_batch=t.batch_size, seq_len=seq_len, seed=config.seed,
                               process_index=jax.process_index(), process_count=jax.process_count())
+    _, schedule, engine, eval_fn = _engine(config, mesh, model_config)
     island_plan = lm_config.island_schedule(config)
-    engine = (_Replicated(model, tx, mesh, seq_len) if spec is None
-              else _Islands(model, tx, mesh, seq_len, spec, island_plan))
     make_ckpt = lambda: checkpoint.Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints,
                                                 keep_every=t.keep_checkpoint_every, mode=t.checkpoint_mode)
     ckpt = make_ckpt()
@@ -318,7 +342,6 @@ def train(
     outputs.write_json(workdir / "config.json", config_json)
 
     step_fn = engine.step_fn
-    eval_fn = train_state.make_eval_step(model, mesh, engine.param_shardings)
     islands_count = mesh_lib.mesh_sizes(mesh)["island"]
     low_comm = config.outer.method != "none"
     val_windows = text.eval_windows(corpus.val, num_windows=t.eval_batches * t.batch_size, seq_len=seq_len)

@@ -21,8 +21,31 @@ import jax
 import jax.numpy as jnp
 
 from atoll.kernels.attention.cudnn import attention_cudnn
-from atoll.kernels.attention.pallas_mgpu import BlockSizes, attention_backward_pallas, attention_pallas
 from atoll.kernels.attention.reference import attention_backward_reference, attention_reference
+
+_LAZY = ("BlockSizes",)
+
+
+def __getattr__(name: str):
+    """The Mosaic GPU kernels load on first use: importing Pallas' Mosaic GPU
+    backend costs ~0.4 s, paid by every process that imports atoll otherwise."""
+    if name in _LAZY:
+        from atoll.kernels.attention import pallas_mgpu
+
+        return getattr(pallas_mgpu, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def attention_pallas(*args, **kwargs):
+    from atoll.kernels.attention import pallas_mgpu
+
+    return pallas_mgpu.attention_pallas(*args, **kwargs)
+
+
+def attention_backward_pallas(*args, **kwargs):
+    from atoll.kernels.attention import pallas_mgpu
+
+    return pallas_mgpu.attention_backward_pallas(*args, **kwargs)
 
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
 
