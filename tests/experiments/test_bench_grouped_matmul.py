@@ -193,3 +193,14 @@ def test_presets_and_command_line():
     fv.unparse_flags()
     fv(["bench"])
     assert bench.settings_from_flags(fv) == h100
+
+
+def test_pallas_tile_variants_parse_and_bad_ones_are_named():
+    s = bench.parse_settings("cpu", impls=["einsum", "xla", "pallas:128x64x64s4m"])
+    assert s.impls == ("einsum", "xla", "pallas:128x64x64s4m")
+    bs = bench.pallas_block_sizes("pallas:128x64x64s4m")
+    assert (bs.block_m, bs.block_n, bs.block_k, bs.stages, bs.fastest) == (128, 64, 64, 4, "m")
+    with pytest.raises(app.UsageError, match="not a pallas tile variant"):
+        bench.parse_settings("cpu", impls=["pallas:128x64"])
+    with pytest.raises(app.UsageError, match="pallas:100x64x64s2n.*multiple of 64"):
+        bench.parse_settings("cpu", impls=["pallas:100x64x64s2n"])

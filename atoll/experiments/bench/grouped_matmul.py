@@ -22,6 +22,10 @@ The backends (--impls), each jitted and compiled per configuration:
            kernel, when the package has it. Off the GPU it would run in Pallas'
            interpreter (slow): skipped unless --pallas_interpret (then called
            eagerly, as the attention bench does).
+  pallas:<block_m>x<block_n>x<block_k>s<stages><m|n>   the same kernel with
+           other tiles (pallas:128x128x64s4n; the last letter is the tile index
+           that varies fastest between programs): tuning runs. The acceptance
+           figures are about "pallas", the defaults.
   auto     grouped_matmul(..., implementation=None): the backend the package
            picks here (what the MoE layer gets)
   any other name of atoll.kernels.grouped_matmul.IMPLEMENTATIONS ("dense" is
@@ -87,6 +91,7 @@ import functools
 import importlib
 import json
 import math
+import re
 import statistics
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -227,7 +232,10 @@ def parse_settings(preset: str = "h100", **given: Any) -> Settings:
     if unknown:
         raise ValueError(f"parse_settings: unknown setting(s) {unknown}")
     v = {**PRESETS[preset], **given}
-    impls = _choices("impls", v["impls"], known_impls())
+    variants = [str(i).strip() for i in v["impls"] if str(i).strip().startswith(SUBJECT + ":")]
+    for name in variants:
+        pallas_block_sizes(name)  # a clear error for a malformed tile name
+    impls = _choices("impls", v["impls"], (*known_impls(), *variants))
     experts, tokens = _ints("experts", v["experts"]), _ints("tokens", v["tokens"])
     groups = _choices("groups", v["groups"], GROUPINGS)
     passes = _choices("passes", v["passes"], PASSES)
@@ -408,9 +416,29 @@ def dense_einsum(x_MD: jax.Array, w_EDF: jax.Array, group_sizes_E: jax.Array) ->
     return y_EMF.reshape(x_MD.shape[0], -1).astype(x_MD.dtype)
 
 
+_TILE_NAME = re.compile(r"^(\d+)x(\d+)x(\d+)s(\d+)([mn])$")
+
+
+def pallas_block_sizes(impl: str):
+    """The BlockSizes of a tuning variant "pallas:<block_m>x<block_n>x<block_k>s<stages><m|n>"
+    (the last letter: the tile index that varies fastest), e.g. pallas:128x128x64s4n; the
+    kernel's own checks (multiples of 64, register budget) apply."""
+    m = _TILE_NAME.match(impl.partition(":")[2])
+    if not impl.startswith(SUBJECT + ":") or m is None:
+        raise app.UsageError(f"--impls: {impl!r} is not a pallas tile variant like pallas:128x128x64s4n "
+                             "(block_m x block_n x block_k, s stages, fastest index m or n)")
+    bm, bn, bk, stages = (int(g) for g in m.groups()[:4])
+    try:
+        return gmm.BlockSizes(block_m=bm, block_n=bn, block_k=bk, stages=stages, fastest=m.group(5))
+    except ValueError as e:
+        raise app.UsageError(f"--impls: {impl}: {e}") from None
+
+
 def backend_fn(impl: str) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
     if impl == BASELINE:
         return dense_einsum
+    if impl.startswith(SUBJECT + ":"):
+        return functools.partial(gmm.grouped_matmul_pallas, block_sizes=pallas_block_sizes(impl))
     return functools.partial(gmm.grouped_matmul, implementation=None if impl == AUTO else impl)
 
 
@@ -505,16 +533,17 @@ class Bench:
         """Why `impl` cannot run on this platform at all, or None."""
         if impl in self.extra or impl in (BASELINE, AUTO):
             return None
-        if impl not in gmm.IMPLEMENTATIONS:
+        variant = impl.startswith(SUBJECT + ":")
+        if not variant and impl not in gmm.IMPLEMENTATIONS:
             return (f"{impl!r} is not in atoll.kernels.grouped_matmul.IMPLEMENTATIONS "
                     f"{list(gmm.IMPLEMENTATIONS)}")
-        if impl == SUBJECT and self.platform != "gpu" and not self.s.pallas_interpret:
+        if (impl == SUBJECT or variant) and self.platform != "gpu" and not self.s.pallas_interpret:
             return (f"the Mosaic GPU kernel needs a GPU; on {self.platform} it would run in Pallas' "
                     f"interpreter (slow): pass --pallas_interpret to time it anyway")
         return None
 
     def eager(self, impl: str) -> bool:
-        return impl == SUBJECT and self.platform != "gpu"  # the interpreter, outside jit (as the attention bench)
+        return impl.partition(":")[0] == SUBJECT and self.platform != "gpu"  # the interpreter, outside jit (as the attention bench)
 
     def fn(self, impl: str, pass_: str) -> Callable:
         key = (impl, pass_)
