@@ -12,8 +12,10 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import atexit  # noqa: E402
+import functools  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -39,7 +41,52 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: trains for a while (still CPU-sized)")
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+# Modules whose tests run for tens of seconds each (end-to-end runs, notebooks,
+# subprocesses). They are handed to the xdist workers first so that the end of
+# the session is short tests filling in, not one worker finishing a long test
+# while the other idles (the notebooks collect last otherwise).
+_LONG_FIRST = (
+    "tests/test_notebook.py", "tests/experiments/test_launch.py", "tests/experiments/test_train_policy.py",
+    "tests/experiments/test_reproduce_async.py", "tests/experiments/test_train_islands.py",
+    "tests/experiments/test_train_lm.py", "tests/experiments/test_reproduce_metaworld.py",
+    "tests/experiments/test_reproduce_moe.py", "tests/experiments/test_reproduce_heterogeneous.py",
+    "tests/experiments/test_reproduce_low_communication.py", "tests/kernels/test_attention_pallas.py",
+)
+
+
+def _long_first_rank(item) -> int:
+    path = item.nodeid.split("::")[0]
+    return _LONG_FIRST.index(path) if path in _LONG_FIRST else len(_LONG_FIRST)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_module_fixture(path: str) -> bool:
+    return 'scope="module"' in (ROOT / path).read_text()
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` (pytest -n 2): every test is its own unit, handed to a worker as
+    it frees up, in collection order (long modules first, below), except that the
+    tests of a module with a module-scoped fixture (a benchmark run, a loaded
+    corpus) stay on one worker so that fixture runs once. (xdist's own
+    --dist loadgroup would do this with marks, but under pytest 9 it no longer
+    sees them.)"""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneTestOrOneModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::")[0]
+            return module if _has_module_fixture(module) else nodeid
+
+    return OneTestOrOneModule(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_long_first_rank)  # stable: the order within a module is kept
     if jax.default_backend() == "gpu":
         return
     skip = pytest.mark.skip(reason="needs a GPU")

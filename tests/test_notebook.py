@@ -26,9 +26,21 @@ def _text(cells) -> str:
     return "".join(o.get("text", "") for c in cells for o in c.get("outputs", []))
 
 
+def _cpu_devices(monkeypatch, count: int) -> None:
+    """`count` CPU devices in the kernel, not the suite's 8: on 2 cores every extra
+    fake device only costs compile and step time."""
+    monkeypatch.setenv("JAX_NUM_CPU_DEVICES", str(count))
+    monkeypatch.setenv("XLA_FLAGS", re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                                           os.environ.get("XLA_FLAGS", "")).strip())
+
+
 def test_quickstart_notebook_runs(tmp_path, monkeypatch):
-    cells = _run_notebook("quickstart.ipynb", tmp_path, monkeypatch, STEPS="6", LAYERS="1",
-                          WORKDIR=str(tmp_path / "run"))
+    _cpu_devices(monkeypatch, 1)  # as in Colab
+    # A small batch and window: on the CPU with XLA's optimizations off, running the
+    # steps, the evaluations and the sampling (one forward per byte) costs as much as compiling.
+    cells = _run_notebook("quickstart.ipynb", tmp_path, monkeypatch, STEPS="6", LAYERS="1", BATCH="8",
+                          SEQ_LEN="32", SAMPLE_BYTES="48", WORKDIR=str(tmp_path / "run"))
+    assert "[CpuDevice(id=0)]" in _text(cells)
     assert "bits per byte" in _text(cells)
     sample = _text(cells[-1:])
     assert sample.startswith("def ") and len(sample) > len("def ") + 20, sample  # the prompt and its continuation
@@ -36,8 +48,10 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
 
 
 def test_low_communication_notebook_runs(tmp_path, monkeypatch):
+    _cpu_devices(monkeypatch, 4)  # one per island, as the notebook asks for on a CPU
     cells = _run_notebook("low_communication.ipynb", tmp_path, monkeypatch, STEPS="8", LAYERS="2", H="4",
-                          EVALS="2", WORKDIR=str(tmp_path / "runs"))
+                          EVALS="2", BATCH="8", SEQ_LEN="32", WORKDIR=str(tmp_path / "runs"))
+    assert "CpuDevice(id=3)]" in _text(cells[:2]), _text(cells[:2])[:300]
     table = _text(cells[-1:])
     assert "ddp" in table and "diloco H=4" in table and "streaming fp4 H=4" in table, table
     for name in ("ddp", "diloco_H4", "streaming_fp4_H4"):

@@ -182,11 +182,16 @@ class _Islands(islands.IslandTrainer):
 # small run's start-up. Data, ledgers and checkpoints stay per run.
 _ENGINES: dict[str, tuple] = {}
 _ENGINE_CACHE_SIZE = 4
+# config.train fields the engine does not depend on (the loop's cadence and checkpoint
+# policy): runs differing only in these share one engine.
+_LOOP_ONLY_FIELDS = ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
+                     "keep_checkpoint_every", "checkpoint_mode")
 
 
 def _engine(config, mesh, model_config: TransformerConfig):
     """(model, lr schedule, engine, eval step) for this configuration and mesh."""
     saved = json.loads(config.to_json_best_effort())
+    saved["train"] = {k: v for k, v in saved["train"].items() if k not in _LOOP_ONLY_FIELDS}
     key = json.dumps({**{k: saved.get(k) for k in ("model", "train", "outer", "mesh")},
                       "seq_len": config.data.seq_len, "axes": list(mesh.axis_names),
                       "devices": [int(d.id) for d in mesh.devices.flat], "processes": jax.process_count()},

@@ -18,7 +18,7 @@ from atoll.parallel import checkpoint, distributed
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_DILOCO = [
-    "--config=atoll/configs/lm.py:tiny", "--config.model.d_model=32", "--config.model.num_layers=2",
+    "--config=atoll/configs/lm.py:tiny", "--config.model.d_model=32", "--config.model.num_layers=1",
     "--config.model.num_heads=2", "--config.model.num_kv_heads=2", "--config.model.head_dim=16",
     "--config.model.mlp_dim=64", "--config.data.seq_len=32", "--config.train.batch_size=8",
     "--config.train.warmup_steps=2", "--config.train.log_every=2", "--config.train.eval_batches=1",
@@ -98,35 +98,46 @@ def test_launcher_prefixes_output_and_stops_everyone_when_one_fails():
 
 # ------------------------------------------------------- islands over processes
 
-def test_diloco_on_two_processes_matches_one_process(tmp_path):
-    """4 islands on 2 processes × 2 CPU devices = the same run on 1 process × 4 devices."""
-    p = _launch(_train_args(tmp_path / "two", 12, "--config.train.eval_every=6", "--noprogress"))
-    one = subprocess.run(_train_args(tmp_path / "one", 12, "--config.train.eval_every=6", "--noprogress"),
-                         cwd=ROOT, env=_env(devices=4), capture_output=True, text=True, timeout=300)
-    out, _ = p.communicate(timeout=300)
-    assert p.returncode == 0, out
-    assert one.returncode == 0, one.stderr
-    two_rows, one_rows = _losses(tmp_path / "two"), _losses(tmp_path / "one")
-    assert [r[0] for r in two_rows] == [r[0] for r in one_rows] and len(one_rows) >= 6
+def test_a_killed_process_stops_the_launch_the_rerun_resumes_and_matches_one_process(tmp_path):
+    """4 islands on 2 processes × 2 CPU devices, one process killed mid-run and the launch
+    rerun (it resumes from the last complete checkpoint) = the same run straight on
+    1 process × 4 devices: the same logged losses, evaluations and bytes, the same params."""
+    workdir, ckpts = tmp_path / "two", tmp_path / "two" / "checkpoints"
+    args = _train_args(workdir, 48, "--config.train.eval_every=12", "--config.train.checkpoint_every=4",
+                       "--noprogress")
+    p = _launch(args)
+    one_log = open(tmp_path / "one.log", "w+")  # a file, not a pipe: nobody reads it until the end
+    one = subprocess.Popen(_train_args(tmp_path / "one", 48, "--config.train.eval_every=12", "--noprogress"),
+                           cwd=ROOT, env=_env(devices=4), stdout=one_log, stderr=subprocess.STDOUT)
+    try:
+        out = _kill_and_rerun(p, args, workdir, one)
+    finally:
+        if one.poll() is None:
+            one.kill()
+        one_log.close()
+    assert one.returncode == 0, (tmp_path / "one.log").read_text()[-3000:]
+
+    two_rows, one_rows = _losses(workdir), _losses(tmp_path / "one")
+    steps = [r[0] for r in two_rows]
+    assert steps == sorted(set(steps)) and steps[-1] == 48  # no step logged twice, none lost
+    assert steps == [r[0] for r in one_rows] and len(one_rows) >= 6
     for a, b in zip(two_rows, one_rows):
         for x, y in zip(a[1:], b[1:]):
             assert (x is None) == (y is None) and (x is None or x == pytest.approx(y, rel=1e-4)), (a, b)
     # and the same params: islands, inner optimizer and outer state, saved collectively by both processes
-    two = checkpoint.read_on_host(tmp_path / "two" / "checkpoints", 12)
-    one = checkpoint.read_on_host(tmp_path / "one" / "checkpoints", 12)
+    two = checkpoint.read_on_host(ckpts, 48)
+    one = checkpoint.read_on_host(tmp_path / "one" / "checkpoints", 48)
     assert jax.tree.structure(two) == jax.tree.structure(one)
     for a, b in zip(jax.tree.leaves(two), jax.tree.leaves(one)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     # process 0 alone writes: one row per logged step, one summary, and only [p0] reports
-    assert "[p0] finished at step 12" in out and "[p1] finished" not in out
-    assert json.loads((tmp_path / "two" / "summary.json").read_text())["step"] == 12
+    assert "[p0] finished at step 48" in out and "[p1] finished" not in out
+    assert json.loads((workdir / "summary.json").read_text())["step"] == 48
 
 
-def test_a_killed_process_stops_the_launch_and_the_rerun_resumes(tmp_path):
-    workdir = tmp_path / "run"
-    args = _train_args(workdir, 48, "--config.train.eval_every=1000", "--config.train.checkpoint_every=4",
-                       "--noprogress")
-    p = _launch(args)
+def _kill_and_rerun(p: subprocess.Popen, args: list[str], workdir: Path, one: subprocess.Popen) -> str:
+    """Kills process 1 of launch `p` once a checkpoint at step >= 8 is complete, checks that the
+    launch stops, reruns it (it must resume and finish), waits for `one`; the rerun's output."""
     ckpts = workdir / "checkpoints"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not any(d.name.isdigit() and int(d.name) >= 8
@@ -146,10 +157,9 @@ def test_a_killed_process_stops_the_launch_and_the_rerun_resumes(tmp_path):
     rerun = _launch(args)
     out, _ = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, out
-    assert f"[p0] resuming run from its checkpoint at step {saved}" in out, out
-    assert json.loads((workdir / "summary.json").read_text())["step"] == 48
-    steps = [r[0] for r in _losses(workdir)]
-    assert steps == sorted(set(steps)) and steps[-1] == 48  # no step logged twice, none lost
+    assert f"[p0] resuming two from its checkpoint at step {saved}" in out, out
+    one.wait(timeout=300)
+    return out
 
 
 def _child_pid(workdir: Path, process_id: int) -> int:

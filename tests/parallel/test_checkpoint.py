@@ -36,6 +36,15 @@ def lm_state(mesh, seed=0):
     return state, train_state.abstract_state(model, tx, SEQ, sh)
 
 
+@pytest.fixture(scope="module")
+def states():
+    """(state, its abstract state, another state of seed 2) on a data-8 mesh: initialized
+    once for the tests that save and restore them (none changes them)."""
+    mesh = mesh_lib.make_mesh({"data": 8})
+    state, abstract = lm_state(mesh)
+    return state, abstract, lm_state(mesh, seed=2)[0]
+
+
 def host(tree):
     return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
 
@@ -108,11 +117,10 @@ def _array_files(step_dir: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
-def test_damaged_checkpoint_is_named_and_latest_valid_falls_back(tmp_path, damage):
-    state, abstract = lm_state(mesh_lib.make_mesh({"data": 8}))
+def test_damaged_checkpoint_is_named_and_latest_valid_falls_back(tmp_path, damage, states):
+    state, abstract, state2 = states
     ck = checkpoint.Checkpointer(tmp_path, keep=3, mode="sync")
     ck.save(1, state, {"at": 1})
-    state2, _ = lm_state(mesh_lib.make_mesh({"data": 8}), seed=2)
     ck.save(2, state2, {"at": 2})
     files = _array_files(tmp_path / "2")
     assert files
@@ -132,8 +140,8 @@ def test_damaged_checkpoint_is_named_and_latest_valid_falls_back(tmp_path, damag
     ck.close()
 
 
-def test_a_different_model_is_reported_as_such_not_as_damage(tmp_path):
-    state, _ = lm_state(mesh_lib.make_mesh({"data": 8}))
+def test_a_different_model_is_reported_as_such_not_as_damage(tmp_path, states):
+    state = states[0]
     ck = checkpoint.Checkpointer(tmp_path, mode="sync")
     ck.save(1, state, {})
     wider = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[:-1] + (s.shape[-1] * 2,), s.dtype)
@@ -144,8 +152,8 @@ def test_a_different_model_is_reported_as_such_not_as_damage(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["lazy", "async"])
-def test_a_failed_background_save_stops_the_loop(tmp_path, monkeypatch, mode):
-    state, _ = lm_state(mesh_lib.make_mesh({"data": 8}))
+def test_a_failed_background_save_stops_the_loop(tmp_path, monkeypatch, mode, states):
+    state = states[0]
     ck = checkpoint.Checkpointer(tmp_path, mode=mode)
     ck.save(1, state, {})
     ck.wait()
@@ -201,8 +209,8 @@ def test_a_process_killed_mid_save_leaves_the_previous_step_restorable(tmp_path)
     ck.close()
 
 
-def test_the_readme_loads_params_with_orbax_alone(tmp_path):
-    state, _ = lm_state(mesh_lib.make_mesh({"data": 8}))
+def test_the_readme_loads_params_with_orbax_alone(tmp_path, states):
+    state = states[0]
     ck = checkpoint.Checkpointer(tmp_path / "checkpoints", mode="sync")
     ck.save(400, state, {})
     ck.close()
