@@ -409,6 +409,15 @@ def _validate_moe(c: ml_collections.ConfigDict) -> None:
     if c.model.num_layers % e.every:
         raise v.ConfigError(f"config.model.moe.every = {e.every} must divide config.model.num_layers = "
                             f"{c.model.num_layers} (the scanned unit is a group of `every` blocks)")
+    if e.grouped_matmul_impl == "pallas":
+        F = e.expert_mlp_dim or c.model.mlp_dim
+        if e.dispatch != "dropless":
+            raise v.ConfigError("config.model.moe.grouped_matmul_impl = 'pallas' is the dropless dispatch's "
+                                "kernel: set config.model.moe.dispatch = 'dropless' (or leave the impl None)")
+        if c.model.dtype not in ("bfloat16", "float16") or c.model.d_model % 64 or F % 64:
+            raise v.ConfigError(
+                "config.model.moe.grouped_matmul_impl = 'pallas' needs model.dtype bfloat16 or float16 and "
+                f"d_model and the expert width multiples of 64; got {c.model.dtype}, {c.model.d_model} and {F}")
     if e.router == "expert_choice" and e.bias_rate:
         raise v.ConfigError("config.model.moe.bias_rate balances token-choice routing; expert_choice is "
                             "balanced by construction (set bias_rate = 0)")

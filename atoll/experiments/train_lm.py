@@ -103,6 +103,11 @@ def _check_against_mesh(config, mesh) -> None:
             "config.model.context_parallel (and mesh context > 1): XLA cannot split the kernels itself and would "
             "gather every input; context parallelism runs them per device inside shard_map. Otherwise use "
             "'cudnn' (or None) on a multi-device mesh")
+    if config.model.moe.num_experts and config.model.moe.grouped_matmul_impl == "pallas" and mesh.size > 1:
+        raise ConfigError(
+            f"config.model.moe.grouped_matmul_impl = 'pallas' on a mesh of {mesh.size} devices: XLA cannot split "
+            "the kernel itself and would gather every token to each device (the dropless dispatch sorts the "
+            "whole batch). Use it on one device, or 'xla' (ragged_dot, or None) on a mesh")
 
 
 def _context_bytes(config, mesh) -> dict | None:

@@ -212,3 +212,21 @@ def test_a_workdir_saved_before_moe_configs_existed_still_matches_its_dense_conf
     c.model.moe.num_experts = 4
     with pytest.raises(ConfigError, match="different model"):
         _check_workdir_config(tmp_path, c)
+
+
+def test_pallas_grouped_matmul_is_checked_and_refuses_a_multi_device_mesh(tmp_path):
+    c = small_config()
+    c.model.moe.update(num_experts=4, top_k=2, dispatch="dropless", grouped_matmul_impl="pallas")
+    with pytest.raises(ConfigError, match="needs model.dtype bfloat16 or float16"):
+        lm.validate(c)
+    c.model.update(dtype="bfloat16", d_model=64, mlp_dim=128)
+    lm.validate(c)
+    c.model.moe.dispatch = "capacity"
+    with pytest.raises(ConfigError, match="set config.model.moe.dispatch = 'dropless'"):
+        lm.validate(c)
+    c.model.moe.dispatch = "dropless"
+    c.mesh.update(island=8, data=1, fsdp=1, tensor=1)  # one device per island (a split batch is refused anyway)
+    c.outer.method = "diloco"
+    with pytest.raises(ConfigError, match="grouped_matmul_impl = 'pallas' on a mesh of 8 devices"):
+        train(c, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -28,6 +28,10 @@ sum(y) with respect to the parameters and x ("step"), and the forward alone:
   grouped_matmul_ragged_dot  the same through atoll.kernels.grouped_matmul
                              (jax.lax.ragged_dot), group sizes passed as data
 
+--grouped_matmul_impl=pallas puts atoll's Pallas kernel under both the
+moe_dropless row and the grouped_matmul_ragged_dot row (the row names stay;
+the summary's grouped_matmul_impl says which backend ran).
+
 The calls take turns (one of each per round, the order rotating every round),
 so a machine that speeds up or slows down moves them alike; each time is the
 median over --repeats rounds. Every row is a JSON line:
@@ -63,6 +67,7 @@ than the baseline): {"moe_vs_dense_capacity", "moe_vs_dense_dropless",
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import time
@@ -93,6 +98,9 @@ _CAPACITY_FACTOR = flags.DEFINE_float("capacity_factor", 1.25, "Capacity dispatc
 _EC_FACTOR = flags.DEFINE_float("expert_choice_capacity_factor", 1.0,
                                 "Expert choice: tokens per expert over T·K/E (1: K experts per token on average).")
 _ROUTER = flags.DEFINE_enum("router", "topk_softmax", ["topk_softmax", "softmax_topk"], "Token-choice router.")
+_GMM_IMPL = flags.DEFINE_enum("grouped_matmul_impl", "auto", ["auto", "xla", "pallas", "dense"],
+                              "Backend of atoll.kernels.grouped_matmul for the moe_dropless and "
+                              "grouped_matmul_ragged_dot rows (auto: implementation=None, today ragged_dot).")
 _FORWARD = flags.DEFINE_bool("forward", True, "Also time the forward alone.")
 
 INIT_STD = 0.02
@@ -154,9 +162,10 @@ def dense_shapes(D: int, F: int) -> dict:
             "down": jax.ShapeDtypeStruct((F, D), jnp.float32)}
 
 
-def moe_layer(D: int, E: int, K: int, F: int, dtype, router: str, dispatch: str, capacity_factor: float) -> moe.MoeFfn:
+def moe_layer(D: int, E: int, K: int, F: int, dtype, router: str, dispatch: str, capacity_factor: float,
+              grouped_matmul_impl: str | None = None) -> moe.MoeFfn:
     cfg = moe.MoeConfig(num_experts=E, top_k=K, router=router, dispatch=dispatch,
-                        capacity_factor=capacity_factor, expert_mlp_dim=F)
+                        capacity_factor=capacity_factor, expert_mlp_dim=F, grouped_matmul_impl=grouped_matmul_impl)
     return moe.MoeFfn(d_model=D, mlp_dim=F, moe=cfg, init_std=INIT_STD, out_std=INIT_STD, dtype=dtype,
                       param_dtype=jnp.float32)
 
@@ -169,8 +178,9 @@ def einsum_grouped(x_MD: jax.Array, w_EDF: jax.Array, group_sizes_E: jax.Array) 
     return y_EMF.reshape(x_MD.shape[0], -1).astype(x_MD.dtype)
 
 
-def ragged_grouped(x_MD: jax.Array, w_EDF: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
-    return grouped_matmul(x_MD, w_EDF, group_sizes_E)
+def ragged_grouped(x_MD: jax.Array, w_EDF: jax.Array, group_sizes_E: jax.Array,
+                   implementation: str | None = None) -> jax.Array:
+    return grouped_matmul(x_MD, w_EDF, group_sizes_E, implementation=implementation)
 
 
 def moe_apply(layer: moe.MoeFfn) -> Callable:
@@ -289,9 +299,10 @@ def main(argv) -> None:
         "float32" if jax.default_backend() == "cpu" else "bfloat16")
     dtype = jnp.dtype(dtype_name)
     tokens = B * T
+    gmm_impl = None if _GMM_IMPL.value == "auto" else _GMM_IMPL.value
     layers = {
         "moe_capacity": moe_layer(D, E, K, F, dtype, _ROUTER.value, "capacity", _CAPACITY_FACTOR.value),
-        "moe_dropless": moe_layer(D, E, K, F, dtype, _ROUTER.value, "dropless", _CAPACITY_FACTOR.value),
+        "moe_dropless": moe_layer(D, E, K, F, dtype, _ROUTER.value, "dropless", _CAPACITY_FACTOR.value, gmm_impl),
         "moe_expert_choice": moe_layer(D, E, K, F, dtype, "expert_choice", "capacity", _EC_FACTOR.value),
     }
     M = tokens * K
@@ -311,7 +322,8 @@ def main(argv) -> None:
         step, fwd = train_and_forward(moe_apply(layer), 2)
         fns[name], fns[f"{name}/forward"] = (step, (moe_params, x_BTD)), (fwd, (moe_params, x_BTD))
     sizes_E = jnp.asarray(np.full((E,), M // E, np.int32))
-    for name, fn in (("grouped_matmul_einsum", einsum_grouped), ("grouped_matmul_ragged_dot", ragged_grouped)):
+    grouped = functools.partial(ragged_grouped, implementation=gmm_impl)
+    for name, fn in (("grouped_matmul_einsum", einsum_grouped), ("grouped_matmul_ragged_dot", grouped)):
         step, fwd = train_and_forward(no_aux(fn), 2)
         fns[name], fns[f"{name}/forward"] = (step, (x_MD, w_EDF, sizes_E)), (fwd, (x_MD, w_EDF, sizes_E))
     if not _FORWARD.value:
@@ -324,7 +336,8 @@ def main(argv) -> None:
     common = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
               "dtype": dtype_name, "d_model": D, "experts": E, "top_k": K, "expert_mlp_dim": F, "batch": B,
               "seq_len": T, "router": _ROUTER.value, "capacity_factor": _CAPACITY_FACTOR.value,
-              "expert_choice_capacity_factor": _EC_FACTOR.value, "repeats": _REPEATS.value}
+              "expert_choice_capacity_factor": _EC_FACTOR.value, "repeats": _REPEATS.value,
+              "grouped_matmul_impl": _GMM_IMPL.value}
     rows = {}
     for name, baseline in (("dense_ffn", "dense_ffn"), *((n, "dense_ffn") for n in MOE_ROWS),
                            ("grouped_matmul_einsum", "grouped_matmul_einsum"),
