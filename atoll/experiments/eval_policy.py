@@ -105,7 +105,8 @@ def load_policy(path: str | Path, step: int | None = None):
     params = state["ema"] if config.train.ema else state["params"]
     weights = {"params": params, "obs_norm": state["obs_norm"], "act_norm": state["act_norm"]}
     action_dim = int(np.asarray(state["act_norm"]["offset_D"]).shape[-1])
-    return config, policy_from_config(config, action_dim), jax.tree.map(jnp.asarray, weights), step
+    # device_put, not jnp.asarray: the latter compiles a small program per leaf shape.
+    return config, policy_from_config(config, action_dim), jax.device_put(weights), step
 
 
 # ------------------------------------------------------------------ evaluation

@@ -271,14 +271,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
 
     replicated = sharding.replicated(mesh)
     batch_shardings = (sharding.batch_sharding(mesh, 3), sharding.batch_sharding(mesh, 3))
-    state = jax.jit(lambda: init_state(policy, tx, obs_norm, act_norm, demos.obs_dim, config.seed),
-                    out_shardings=replicated)()
+    init = jax.jit(lambda: init_state(policy, tx, obs_norm, act_norm, demos.obs_dim, config.seed),
+                   out_shardings=replicated)
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=2, mode="async")
     resumed = ckpt.latest_step()
-    if resumed is not None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
+    if resumed is not None:  # only the shapes of a fresh state: nothing to compile or run
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                                jax.eval_shape(init))
         state, _ = ckpt.restore(resumed, abstract)
         outputs.truncate_metrics(workdir, resumed, drop_at=("success",))  # evals at `resumed` run again
+    else:
+        state = init()
     data = jax.device_put((obs_NTO, act_NHA), replicated)
     step_fn = jax.jit(make_train_step(policy, tx, config.train.batch_size, config.train.ema_power, config.seed,
                                       batch_shardings, conditioning, max_delay), donate_argnums=(0,))
@@ -289,7 +292,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
 
     def eval_now(step: int, episodes: int) -> dict:
         # On one device: the rollout is not split over the mesh, and replicated weights would run it on all.
-        weights = jax.device_put(weights_of(state, config.train.ema), jax.devices()[0])
+        # Through the host, as eval_policy.load_policy places a checkpoint's weights: the same input
+        # types, so eval_policy in this process reuses the compiled rollout.
+        weights = jax.device_put(jax.device_get(weights_of(state, config.train.ema)))
         succ, length = evaluate(weights, episodes)
         s = eval_policy.summarize(succ, length)
         row = {"success": s["success"], "success_lo": s["success_ci95"][0], "success_hi": s["success_ci95"][1],

@@ -14,18 +14,18 @@ def numpy_params(model, *args):
     shapes = jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a), *args)
     rng = np.random.default_rng(0)
 
-    def draw(path, leaf):
+    def draw(path, leaf):  # numpy arrays: jnp.zeros / jnp.asarray would compile a program per shape
         name = jax.tree_util.keystr(path)
         if "bias" in name:
-            return jnp.zeros(leaf.shape, leaf.dtype)
+            return np.zeros(leaf.shape, leaf.dtype)
         if "scale" in name:
-            return jnp.ones(leaf.shape, leaf.dtype)
+            return np.ones(leaf.shape, leaf.dtype)
         if "pos_HD" in name:
-            return jnp.asarray(rng.normal(0, 0.02, leaf.shape), leaf.dtype)
+            return rng.normal(0, 0.02, leaf.shape).astype(leaf.dtype)
         qkv = any(k in name for k in ("query", "key", "value"))
         fan_in = leaf.shape[0] if qkv else int(np.prod(leaf.shape[:-1]))
-        return jnp.asarray(rng.normal(0, fan_in**-0.5, leaf.shape), leaf.dtype)
-    return jax.tree_util.tree_map_with_path(draw, shapes)
+        return rng.normal(0, fan_in**-0.5, leaf.shape).astype(leaf.dtype)
+    return jax.device_put(jax.tree_util.tree_map_with_path(draw, shapes))
 
 
 @pytest.mark.parametrize("mode", policy.NORMALIZER_MODES)
@@ -70,7 +70,6 @@ def test_dit_learns_an_observation_conditioned_flow():
 
     params = numpy_params(model, chunks_BHA, jnp.zeros((B, H)), obs_B11)
     tx = optax.adam(3e-3)
-    opt = tx.init(params)
 
     def step(carry, key):
         params, opt = carry
@@ -81,15 +80,18 @@ def test_dit_learns_an_observation_conditioned_flow():
         updates, opt = tx.update(grads, opt)
         return (optax.apply_updates(params, updates), opt), value
 
-    # One compiled loop over all steps (a Python loop of jitted steps costs more in dispatch here).
-    train = jax.jit(lambda params, opt: jax.lax.scan(step, (params, opt), jax.random.split(jax.random.key(1), 200)))
-    (params, _), losses = train(params, opt)
+    # One compiled loop over all steps (a Python loop of jitted steps costs more in dispatch here),
+    # the optimizer's init inside it (eagerly, its zeros would compile a program per shape).
+    train = jax.jit(lambda params: jax.lax.scan(step, (params, tx.init(params)),
+                                                jax.random.split(jax.random.key(1), 200)))
+    (params, _), losses = train(params)
     losses = np.asarray(losses)
     assert np.mean(losses[-20:]) < 0.3 * np.mean(losses[:20])
+    # One compiled sampler for both signs (eagerly, each call would compile its own scan).
+    sample_fn = jax.jit(lambda params, obs: diffusion.euler_sample(lambda x, t: model.apply(params, x, t, obs),
+                                                                   (16, H, A), jax.random.key(7), 10))
     for sign in (1.0, -1.0):
-        obs = jnp.full((16, 1, 1), sign)
-        sample = diffusion.euler_sample(lambda x, t: model.apply(params, x, t, obs), (16, H, A),
-                                        jax.random.key(7), 10)
+        sample = sample_fn(params, jnp.full((16, 1, 1), sign))
         err = float(jnp.abs(sample - sign * ramp_HA).mean())
         assert err < 0.2, (net, sign, err)
 

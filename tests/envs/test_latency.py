@@ -34,9 +34,12 @@ def expert_planner(task, horizon):
     return act
 
 
-def run(strategy="naive_async", delay=0, task=TASK, act=None, **kw):
+def run(strategy="naive_async", delay=0, task=TASK, act=None, weights=None, trajectory=True):
+    """Always with the trajectory (one compiled program per strategy and act for all these tests:
+    success, length, time and jerk are computed the same way without it)."""
     return latency.async_rollout(task, chunking.Strategy(strategy), act or expert_planner(task, H), jax.random.key(7),
-                                 E, weights=None, obs_horizon=2, horizon=H, execute_steps=S, delay=delay, **kw)
+                                 E, weights=weights, obs_horizon=2, horizon=H, execute_steps=S, delay=delay,
+                                 trajectory=trajectory)
 
 
 def test_naive_at_zero_delay_is_chunked_rollout():
@@ -79,17 +82,17 @@ def test_vlash_at_zero_delay_is_naive():
     np.testing.assert_array_equal(run("vlash", trajectory=True).actions_TA, run(trajectory=True).actions_TA)
 
 
+def _fixed_rows(weights, obs_ETO, running, d_plan, first, key):
+    """Every chunk is `weights` (H values, both action axes): traced, so one compiled rollout serves both rows."""
+    return jnp.broadcast_to(weights[None, :, None], (obs_ETO.shape[0], H, 2))
+
+
 def test_jerk_of_constant_and_alternating_actions():
-    def constant(weights, obs_ETO, running, d_plan, first, key):
-        return jnp.full((obs_ETO.shape[0], H, 2), 0.5)
-
-    def alternating(weights, obs_ETO, running, d_plan, first, key):
-        rows = jnp.where(jnp.arange(H) % 2 == 0, 1.0, -1.0)
-        return jnp.broadcast_to(rows[None, :, None], (obs_ETO.shape[0], H, 2))
-
-    assert float(jnp.max(run(act=constant).jerk)) == 0.0
+    constant = np.full(H, 0.5, np.float32)
+    alternating = np.where(np.arange(H) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    assert float(jnp.max(run(act=_fixed_rows, weights=constant).jerk)) == 0.0
     want = TASK.accel_max * 2 * math.sqrt(2) / TASK.dt  # the action flips by 2 in both axes every step
-    np.testing.assert_allclose(run(act=alternating).jerk, want, rtol=1e-5)
+    np.testing.assert_allclose(run(act=_fixed_rows, weights=alternating).jerk, want, rtol=1e-5)
 
 
 def test_invariant_errors_reach_the_caller():
@@ -102,11 +105,12 @@ def test_roll_forward_is_the_state_the_chunk_reaches():
     state = task.reset(jax.random.key(3))
     actions = jax.random.uniform(jax.random.key(4), (6, 2), minval=-1.2, maxval=1.2)
     obs0 = task.observe(state)
+    step, roll_forward = jax.jit(task.step), jax.jit(task.roll_forward)  # one compile each, not one per op
     for n in range(7):
         s = state
         for k in range(n):
-            s = task.step(s, actions[k], jax.random.key(0))
-        rolled = task.roll_forward(obs0, actions, n)
+            s = step(s, actions[k], jax.random.key(0))
+        rolled = roll_forward(obs0, actions, n)
         np.testing.assert_allclose(rolled[:4], task.observe(s)[:4], atol=1e-6)
         np.testing.assert_array_equal(rolled[4:], obs0[4:])  # the target is as observed
 
@@ -116,10 +120,15 @@ def _tiny_policy():
     obj = chunk_policy.Objective(kind="flow", sample_steps=3)
     model = chunk_policy.make_denoiser("dit", 2, obj, dim=16, depth=1, heads=2)
     policy = chunk_policy.ChunkPolicy(model, obj, obs_horizon=2, action_horizon=H, action_dim=2)
-    params = model.init(jax.random.key(0), jnp.zeros((1, H, 2)), jnp.zeros((1, H)), jnp.zeros((1, 2, 8)))
-    ident = {"offset_D": jnp.zeros(8), "scale_D": jnp.ones(8)}
-    weights = {"params": params, "obs_norm": ident, "act_norm": {"offset_D": jnp.zeros(2), "scale_D": jnp.ones(2)}}
-    return policy, weights
+    # Random weights drawn with numpy on the model's shapes: flax's init, run eagerly, compiles op by op.
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, H, 2)), jnp.zeros((1, H)),
+                            jnp.zeros((1, 2, 8)))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: (rng.normal(0, 0.3, x.shape)).astype(x.dtype), shapes)
+    ident = {"offset_D": np.zeros(8, np.float32), "scale_D": np.ones(8, np.float32)}
+    weights = {"params": params, "obs_norm": ident,
+               "act_norm": {"offset_D": np.zeros(2, np.float32), "scale_D": np.ones(2, np.float32)}}
+    return policy, jax.device_put(weights)
 
 
 def test_strategies_with_their_own_sampler_run_a_policy():

@@ -8,6 +8,7 @@ from atoll.core import chunking
 from atoll.experiments.reproduce import async_inference as ai
 
 MICRO = dict(ai.PRESETS["ci"], delays=(0, 4), episodes=32, num_demos=16,
+             model={"dim": 16, "depth": 1, "heads": 2},  # the smallest DiT: less to compile
              train={"steps": 20, "batch_size": 32, "lr": 2e-3, "warmup_steps": 5, "log_every": 10,
                     "checkpoint_every": 20},
              eval={"every": 20, "final_episodes": 16, "episodes": 16})
@@ -39,7 +40,7 @@ def test_micro_study_writes_the_contract_and_reuses_its_work(tmp_path):
     again = ai.run_study("ci", out, strategies=["naive_async", "sync"], progress=False, preset=MICRO)
     assert again["runs"] == results["runs"] and [p.stat().st_mtime_ns for p in evals] == stamps
 
-    other = dict(MICRO, model={"dim": 32, "depth": 1, "heads": 2})
+    other = dict(MICRO, model={"dim": 32, "depth": 1, "heads": 2})  # MICRO's is 16 wide
     with pytest.raises(ai.ReproductionError, match="model.dim"):  # a finished policy of another preset
         ai.run_study("ci", out, strategies=["naive_async"], progress=False, preset=other)
 
