@@ -13,10 +13,16 @@ SMALL = TransformerConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, 
                           mlp_dim=48)
 
 
+# Everything runs jitted: eagerly, each op compiles on its own (the suite runs with most
+# XLA optimizations off), which cost these tests most of their time.
 def _init(cfg, T=16, seed=0):
     model = Transformer(cfg)
-    params = nn.meta.unbox(model.init(jax.random.key(seed), jnp.zeros((1, T), jnp.int32))["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, T), jnp.int32))["params"])
     return model, params
+
+
+def _apply(model, params, tokens):
+    return jax.jit(model.apply)({"params": params}, tokens)
 
 
 @pytest.mark.parametrize("scan", [True, False])
@@ -26,8 +32,8 @@ def test_changing_a_future_token_never_changes_past_logits(scan):
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
     t = 9
     changed = tokens.at[:, t].set((tokens[:, t] + 1) % cfg.vocab_size)
-    a = model.apply({"params": params}, tokens)
-    b = model.apply({"params": params}, changed)
+    a = _apply(model, params, tokens)
+    b = _apply(model, params, changed)
     np.testing.assert_array_equal(a[:, :t], b[:, :t])
     assert not np.allclose(a[:, t:], b[:, t:]), "the changed token must affect its own and later logits"
 
@@ -60,9 +66,9 @@ def test_remat_and_scan_do_not_change_the_math():
     tokens = jax.random.randint(jax.random.key(2), (2, 17), 0, SMALL.vocab_size)
     model, params = _init(SMALL)
     loss = lambda m, p: next_token_loss(m.apply({"params": p}, tokens[:, :-1]), tokens[:, 1:])  # noqa: E731
-    l0, g0 = jax.value_and_grad(lambda p: loss(model, p))(params)
+    l0, g0 = jax.jit(jax.value_and_grad(lambda p: loss(model, p)))(params)
     remat = Transformer(dataclasses.replace(SMALL, remat="full"))
-    l1, g1 = jax.value_and_grad(lambda p: loss(remat, p))(params)
+    l1, g1 = jax.jit(jax.value_and_grad(lambda p: loss(remat, p)))(params)
     np.testing.assert_allclose(l0, l1, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g0, g1)
     unrolled = Transformer(dataclasses.replace(SMALL, scan_layers=False))
@@ -70,7 +76,7 @@ def test_remat_and_scan_do_not_change_the_math():
     p2 = {k: v for k, v in params.items() if k != "blocks"}
     for i in range(SMALL.num_layers):
         p2[f"block_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
-    np.testing.assert_allclose(loss(unrolled, p2), l0, rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(loss, static_argnums=0)(unrolled, p2), l0, rtol=1e-6)
 
 
 def test_bf16_compute_keeps_fp32_params_and_logits():
@@ -78,9 +84,9 @@ def test_bf16_compute_keeps_fp32_params_and_logits():
     model, params = _init(cfg)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
     tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, cfg.vocab_size)
-    logits = model.apply({"params": params}, tokens)
+    logits = _apply(model, params, tokens)
     assert logits.dtype == jnp.float32 and logits.shape == (2, 16, cfg.vocab_size)
-    ref = Transformer(SMALL).apply({"params": params}, tokens)
+    ref = _apply(Transformer(SMALL), params, tokens)
     assert float(jnp.max(jnp.abs(logits - ref))) < 0.1  # bf16 rounding, not a different model
 
 
@@ -88,5 +94,5 @@ def test_initial_loss_is_near_uniform():
     """An untied head starts from near-uniform predictions (a bad init scale breaks this)."""
     model, params = _init(SMALL)
     tokens = jax.random.randint(jax.random.key(4), (4, 33), 0, SMALL.vocab_size)
-    loss = next_token_loss(model.apply({"params": params}, tokens[:, :-1]), tokens[:, 1:])
+    loss = next_token_loss(_apply(model, params, tokens[:, :-1]), tokens[:, 1:])
     assert abs(float(loss) - np.log(SMALL.vocab_size)) < 0.05

@@ -70,13 +70,13 @@ def _reference(causal):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("C", [2, 4, 8])
+@pytest.mark.parametrize("C", [2, 8])  # one hop, and many (4 adds no code path, only time)
 def test_every_strategy_equals_single_device_attention(C, causal):
     want_out, want_lse, want_grads = _reference(causal)
     results = {}
     # all_gather's causal path is C-independent code (a scan over gathered blocks, autodiff
-    # backward) and the slowest to compile: once at C = 4; ring and TokenRing at every C.
-    strategies = cp.STRATEGIES if (C == 4 or not causal) else ("ring", "tokenring")
+    # backward) and the slowest to compile: once at C = 2; ring and TokenRing at every C.
+    strategies = cp.STRATEGIES if (C == 2 or not causal) else ("ring", "tokenring")
     for strategy in strategies:
         out, lse, grads = _run(C, strategy, causal)
         np.testing.assert_allclose(out, want_out, atol=2e-5, rtol=2e-5, err_msg=strategy)
