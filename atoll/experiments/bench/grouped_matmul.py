@@ -102,6 +102,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from atoll.experiments.bench.attention import _positive_ints as _ints
 from atoll.experiments.bench.attention import time_rounds
 from atoll.parallel import runtime
 
@@ -182,21 +183,6 @@ def known_impls() -> tuple[str, ...]:
     """einsum, auto, pallas (the subject: skipped, not refused, while the package lacks it) and
     whatever atoll.kernels.grouped_matmul.IMPLEMENTATIONS holds now."""
     return tuple(dict.fromkeys((BASELINE, *gmm.IMPLEMENTATIONS, SUBJECT, AUTO)))
-
-
-def _ints(flag: str, values: Sequence[str]) -> tuple[int, ...]:
-    if not values:
-        raise app.UsageError(f"--{flag} is empty")
-    out = []
-    for v in values:
-        try:
-            n = int(str(v).strip())
-        except ValueError:
-            raise app.UsageError(f"--{flag}: {v!r} is not an integer") from None
-        if n < 1:
-            raise app.UsageError(f"--{flag}: {n} must be positive")
-        out.append(n)
-    return tuple(dict.fromkeys(out))
 
 
 def _choices(flag: str, values: Sequence[str], allowed: Sequence[str]) -> tuple[str, ...]:
