@@ -100,3 +100,19 @@ def test_aggregate_and_acceptance():
     assert mp.acceptance(agg, demos=10) == []
     assert mp.config_differences({"train": {"steps": 1}, "seed": 0}, {"train": {"steps": 2}, "seed": 1}) == [
         "seed", "train.steps"]
+
+
+def test_plan_puts_whole_seeds_of_the_criterion_first():
+    preset = {**mp.PRESETS["full"], "tasks": ("reach-v3", "push-v3")}
+    order = [(r["demos"], r["seed"], r["task"], r["objective"]) for r in mp.plan(preset, preset["tasks"])]
+    assert len(order) == len(set(order)) == 2 * 2 * 2 * 3
+    assert order[:4] == [(50, 0, "reach-v3", "ddpm"), (50, 0, "reach-v3", "flow"), (50, 0, "push-v3", "ddpm"),
+                         (50, 0, "push-v3", "flow")]
+    assert {o[0] for o in order[:12]} == {50} and [o[1] for o in order[:12]] == sorted(o[1] for o in order[:12])
+    row = {"task": "reach-v3", "demos": 50, "objective": "flow", "seed": 0, "success": 1.0, "expert_success": 1.0,
+           "expert_success_demos": 1.0}
+    results = {"runs": [row], "preset": "full", "planned_runs": 24, "aggregate": mp.aggregate([row]),
+               "setting": {"eval_episodes": 50, "max_steps": 500, "train_steps": 3000}, "acceptance": [],
+               "easy_average": []}
+    assert "Partial: 1 of the 24 runs" in mp.results_markdown(results)
+    assert "Partial" not in mp.results_markdown({**results, "planned_runs": 1})
