@@ -41,8 +41,13 @@ s = policy.execute_steps):
   policy.conditioning  none | prefix (training-time RTC: clean prefixes of
                   d ~ U{0..max_delay} actions) | vlash (robot state offset by
                   δ ~ U{0..max_delay} steps) | faster (prefix + per-action
-                  clocks): the training the real-time strategies need
-                  (atoll.core.chunking; eval with --strategy).
+                  clocks) | remac (prefix, with REMAC's self-conditioning:
+                  the prefixes blend from the demo's own actions into the
+                  stale plans of a frozen policy, policy.frozen_policy = a
+                  train_policy workdir of the same task, over the first
+                  policy.self_condition_steps steps, 0 = half the run): the
+                  training the real-time strategies need (atoll.core.chunking;
+                  eval with --strategy).
   model.net       dit (dim, depth, heads) | unet (channels, cond_dim, kernel, groups).
   objective       kind flow | ddpm; ddpm: prediction epsilon | v, schedule,
                   diffusion_steps K, sampler ddim | ddpm; sample_steps: Euler or
@@ -88,6 +93,8 @@ def get_config(variant: str = "metaworld") -> ml_collections.ConfigDict:
     c.policy.execute_steps = 8
     c.policy.conditioning = "none"
     c.policy.max_delay = 0
+    c.policy.frozen_policy = ""
+    c.policy.self_condition_steps = 0
 
     c.model = ml_collections.ConfigDict()
     c.model.net = "dit"
@@ -176,11 +183,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise v.ConfigError(f"config.policy.execute_steps = {c.policy.execute_steps} must be at most "
                             f"config.policy.action_horizon = {c.policy.action_horizon} (a chunk holds H actions)")
     v.choice(c, "policy.conditioning", CONDITIONING)
-    v.non_negative(c, "policy.max_delay")
+    v.non_negative(c, "policy.max_delay", "policy.self_condition_steps")
     if c.policy.conditioning != "none":
         if c.policy.conditioning != "vlash" and c.objective.kind != "flow":
             raise v.ConfigError(f"config.policy.conditioning = {c.policy.conditioning!r} trains a flow sampler's "
                                 f"prefix; config.objective.kind must be 'flow', not {c.objective.kind!r}")
+        if c.policy.conditioning == "remac" and not c.policy.frozen_policy:
+            raise v.ConfigError("config.policy.conditioning = 'remac' learns from a frozen policy's plans: set "
+                                "config.policy.frozen_policy to a train_policy workdir of the same task")
         if not 1 <= c.policy.max_delay < c.policy.action_horizon:
             raise v.ConfigError(f"config.policy.max_delay = {c.policy.max_delay} must lie in [1, "
                                 f"{c.policy.action_horizon - 1}] (below action_horizon) with conditioning "

@@ -106,19 +106,24 @@ def make_denoiser(net: str, action_dim: int, objective: Objective, **sizes: Any)
 
 
 def training_loss(apply: ApplyFn, objective: Objective, actions_BHA, obs_BTO, key, conditioning: str = "none",
-                  max_delay: int = 0, faster_alpha: float = 0.6, faster_mix: float = 0.5) -> jax.Array:
+                  max_delay: int = 0, faster_alpha: float = 0.6, faster_mix: float = 0.5,
+                  source_BHA=None, source_weight=0.0) -> jax.Array:
     """The objective's loss on a batch of normalized chunks, one noise level per chunk.
 
-    conditioning "prefix" (training-time RTC / REMAC): each chunk keeps a clean
-    prefix of d ~ U{0..max_delay} actions (flow time 1, excluded from the loss),
-    so the sampler can hold committed actions fixed. "faster": the same, and with
+    conditioning "prefix" (training-time RTC): each chunk keeps a clean prefix
+    of d ~ U{0..max_delay} actions (flow time 1, excluded from the loss), so the
+    sampler can hold committed actions fixed. "remac": the same, with REMAC's
+    self-conditioning: the prefix rows are (1 - w)·the demo's own actions +
+    w·source_BHA (a frozen policy's stale plan for the same steps), w =
+    source_weight (annealed 0 -> 1 by the trainer, REMAC's σ = 1 - w); the free
+    rows still learn the demo's actions. "faster": prefixes, and with
     probability faster_mix the free actions run on FASTER's per-action clocks
     (chunking.faster_times) instead of one shared time. "vlash" and "none" train
     plainly (VLASH's offsets live in the data windows)."""
     model_fn = lambda x, time: apply(x, time, obs_BTO)  # noqa: E731
     B, H = actions_BHA.shape[:2]
     t_key, d_key, m_key, key = jax.random.split(key, 4)
-    if conditioning in ("prefix", "faster"):
+    if conditioning in chunking.PREFIX_TRAINED:
         if objective.kind != "flow":
             raise ValueError(f"conditioning {conditioning!r} needs the flow objective, not {objective.kind!r}")
         d_B = jax.random.randint(d_key, (B,), 0, max_delay + 1)
@@ -130,6 +135,11 @@ def training_loss(apply: ApplyFn, objective: Objective, actions_BHA, obs_BTO, ke
             staggered = jax.random.uniform(m_key, (B, 1)) < faster_mix
             t_BH = jnp.where(staggered, chunking.faster_times(t_BH[:, 0], u_BH), t_BH)
         t_BH = jnp.where(prefix_BH, 1.0, t_BH)
+        if conditioning == "remac":
+            if source_BHA is None:
+                raise ValueError("conditioning 'remac' needs source_BHA, the frozen policy's plans for the prefix")
+            mixed_BHA = (1.0 - source_weight) * actions_BHA + source_weight * source_BHA
+            actions_BHA = jnp.where(prefix_BH[..., None], mixed_BHA, actions_BHA)
         # Clean actions (the prefix, and FASTER's finished clocks) carry no noise to
         # predict: their target x_1 − ε is unknowable from x_t = x_1, so they do not count.
         return diffusion.flow_loss(model_fn, actions_BHA, key, t=t_BH, mask=t_BH < 1.0)
@@ -162,7 +172,7 @@ def sample_for_strategy(apply: ApplyFn, objective: Objective, strategy: chunking
     chunk, which has nothing to continue. Strategies without a sampler of their
     own (sync, naive_async, temporal_ensemble, vlash, fused) sample plainly."""
     name = strategy.name
-    if name not in ("rtc", "prefix", "faster"):
+    if not strategy.guided:
         return sample_chunk(apply, objective, obs_BTO, key, horizon, action_dim)
     if objective.kind != "flow":
         raise ValueError(f"strategy {name!r} guides a flow sampler; this policy's objective is {objective.kind!r}")
@@ -174,7 +184,7 @@ def sample_for_strategy(apply: ApplyFn, objective: Objective, strategy: chunking
         w_BH = chunking.prefix_weights(d, execute_steps, horizon, strategy.rtc_schedule)
         w_BH = jnp.where(first, 0.0, w_BH)
         return chunking.rtc_euler(model_fn, prev_BHA, w_BH, shape, key, n, strategy.rtc_beta)
-    if name == "prefix":
+    if name in ("prefix", "remac"):
         return chunking.prefix_euler(model_fn, prev_BHA, d, shape, key, n)
     p, u_BH, _ = chunking.faster_plan(strategy, d, d, horizon, n)
     return chunking.prefix_euler(model_fn, prev_BHA, p, shape, key, n, offsets_BH=u_BH)

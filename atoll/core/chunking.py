@@ -29,6 +29,10 @@ computed from the observation at t_c:
   prefix             naive bookkeeping; a model trained with clean prefixes of
                      random length (training-time RTC / REMAC) samples with
                      new[:d_plan] held to prev[:d_plan] (`prefix_euler`).
+  remac              the prefix strategy with a model whose training prefixes
+                     came from a frozen policy's stale plans (REMAC's
+                     self-conditioned curriculum; `policy.conditioning=remac`),
+                     not only from the demonstration's own future.
   vlash              the new chunk starts at t_c + d_plan: the observation's
                      robot state is rolled forward through prev[:d_plan] (the
                      actions that run during inference) by the task's own
@@ -64,11 +68,15 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-STRATEGIES = ("sync", "naive_async", "temporal_ensemble", "rtc", "prefix", "vlash", "faster", "fused")
+STRATEGIES = ("sync", "naive_async", "temporal_ensemble", "rtc", "prefix", "remac", "vlash", "faster", "fused")
 RTC_SCHEDULES = ("exp", "linear", "hard")
 # The training each strategy needs from the policy (config.policy.conditioning).
-CONDITIONING = ("none", "prefix", "vlash", "faster")
-NEEDS = {"prefix": "prefix", "vlash": "vlash", "faster": "faster"}
+CONDITIONING = ("none", "prefix", "remac", "vlash", "faster")
+NEEDS = {"prefix": "prefix", "remac": "remac", "vlash": "vlash", "faster": "faster"}
+# Trainings whose models accept clean prefixes (flow time 1 on the first rows).
+PREFIX_TRAINED = ("prefix", "remac", "faster")
+# Strategies whose chunks come from a guided or prefix-holding flow sampler.
+GUIDED = ("rtc", "prefix", "remac", "faster")
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_BHA, time_BH) -> velocity_BHA
 
@@ -112,6 +120,11 @@ class Strategy:
         return NEEDS.get(self.name, "none")
 
     @property
+    def guided(self) -> bool:
+        """Sampled by a guided / prefix-holding flow sampler that reads the running chunk."""
+        return self.name in GUIDED
+
+    @property
     def asynchronous(self) -> bool:
         return self.name != "sync"
 
@@ -138,10 +151,10 @@ def check_conditioning(strategy: Strategy, trained: str, objective_kind: str) ->
     """Raises ValueError when a policy trained with `trained` cannot run `strategy`."""
     if trained not in CONDITIONING:
         raise ValueError(f"policy conditioning {trained!r} is unknown; choose one of {list(CONDITIONING)}")
-    if strategy.name in ("rtc", "prefix", "faster") and objective_kind != "flow":
+    if strategy.guided and objective_kind != "flow":
         raise ValueError(f"strategy {strategy.name!r} guides a flow sampler; this policy is {objective_kind!r}")
     need = strategy.conditioning
-    if need == "prefix" and trained in ("prefix", "faster"):
+    if need == "prefix" and trained in PREFIX_TRAINED:
         return
     if need != "none" and need != trained:
         raise ValueError(f"strategy {strategy.name!r} needs a policy trained with policy.conditioning={need!r}; "

@@ -65,7 +65,7 @@ def main(argv) -> None:
         plain = {"state": np.zeros(meta["obs_dim"], np.float32)}
         guided = {**plain, "running_actions": np.zeros((meta["action_horizon"], meta["action_dim"]), np.float32),
                   "delay": 0}
-        server.warm_up(plain, *([guided] if _STRATEGY.value in ("rtc", "prefix", "faster") else []))
+        server.warm_up(plain, *([guided] if _STRATEGY.value in chunking.GUIDED else []))
     logging.set_verbosity(logging.WARNING)
     try:
         asyncio.run(server.serve_forever())

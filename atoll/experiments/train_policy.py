@@ -119,6 +119,50 @@ def windows(demos: demos_lib.Demos, obs_norm, act_norm, obs_horizon: int, action
     return np.concatenate(obs_NTO), np.concatenate(act_NHA)
 
 
+def stale_steps(episode_ends_E, lag: int) -> np.ndarray:
+    """[N]: for every demo step t, the step t - lag, clamped to its episode's first step."""
+    ends_E = np.asarray(episode_ends_E, np.int64)
+    lengths_E = np.diff(ends_E, prepend=0)
+    first_N = np.repeat(ends_E - lengths_E, lengths_E)
+    return np.maximum(np.arange(first_N.size) - lag, first_N)
+
+
+def frozen_plans(demos: demos_lib.Demos, frozen: chunk_policy.ChunkPolicy, frozen_weights, act_norm,
+                 execute_steps: int, action_horizon: int, seed: int, batch: int = 4096) -> np.ndarray:
+    """REMAC's self-conditioning source, normalized in this run's units [N, H, A]:
+    for every demo step t, the plan the frozen policy made from the history
+    ending s = execute_steps steps earlier (at run time the chunk still running
+    when the observation of step t is taken), shifted so that row i is its
+    action for step t + i (the tail repeats its last row)."""
+    obs_idx_NT, _ = demos_lib.window_indices(demos.episode_ends_E, frozen.obs_horizon, frozen.action_horizon)
+    stale_N = stale_steps(demos.episode_ends_E, execute_steps)
+    # Row i of the shifted plan: row (t - stale) + i of the frozen chunk, clamped to its last row.
+    row_NH = np.minimum((np.arange(stale_N.size) - stale_N)[:, None] + np.arange(action_horizon),
+                        frozen.action_horizon - 1)
+    act = eval_policy.jitted_act(frozen)
+    plans = []
+    for start in range(0, stale_N.size, batch):
+        ids = stale_N[start:start + batch]
+        obs_BTO = demos.obs_ND[obs_idx_NT[ids]].astype(np.float32)
+        chunk_BHA = np.asarray(act(frozen_weights, obs_BTO, jax.random.fold_in(jax.random.key(seed), start)))
+        plans.append(np.take_along_axis(chunk_BHA, row_NH[start:start + batch, :, None], axis=1))
+    return np.asarray(act_norm.normalize(np.concatenate(plans)), np.float32)
+
+
+def load_frozen(config, demos: demos_lib.Demos):
+    """(ChunkPolicy, weights) of config.policy.frozen_policy, checked against this run's data."""
+    try:
+        frozen_config, frozen, weights, _ = eval_policy.load_policy(config.policy.frozen_policy)
+    except eval_policy.EvalError as e:
+        raise ConfigError(f"config.policy.frozen_policy: {e}") from None
+    obs_dim = int(np.shape(weights["obs_norm"]["offset_D"])[-1])
+    if (frozen.action_dim, obs_dim) != (demos.action_dim, demos.obs_dim):
+        raise ConfigError(f"config.policy.frozen_policy {config.policy.frozen_policy} was trained on "
+                          f"{frozen_config.env.task!r} ({obs_dim}-D observations, {frozen.action_dim}-D actions); "
+                          f"this run's data has {demos.obs_dim}-D observations and {demos.action_dim}-D actions")
+    return frozen, weights
+
+
 # ----------------------------------------------------------------------- state
 
 
@@ -144,19 +188,26 @@ def weights_of(state: dict, use_ema: bool) -> dict:
 
 
 def make_train_step(policy: chunk_policy.ChunkPolicy, tx, batch_size: int, ema_power: float, seed: int,
-                    batch_shardings, conditioning: str = "none", max_delay: int = 0):
-    def train_step(state, obs_NTO, act_NHA):
+                    batch_shardings, conditioning: str = "none", max_delay: int = 0, self_condition_steps: int = 1):
+    """step(state, obs_NTO, act_NHA[, source_NHA]) -> (state, metrics); source_NHA:
+    the frozen policy's plans with conditioning "remac", whose weight rises
+    linearly from 0 to 1 over the first self_condition_steps steps."""
+    def train_step(state, obs_NTO, act_NHA, source_NHA=None):
         step = state["step"]
         key = jax.random.fold_in(jax.random.key(seed), step)
         idx_key, loss_key = jax.random.split(key)
         idx_B = jax.random.randint(idx_key, (batch_size,), 0, obs_NTO.shape[0])
         obs_BTO = jax.lax.with_sharding_constraint(obs_NTO[idx_B], batch_shardings[0])
         act_BHA = jax.lax.with_sharding_constraint(act_NHA[idx_B], batch_shardings[1])
+        source = {}
+        if source_NHA is not None:
+            source = {"source_BHA": jax.lax.with_sharding_constraint(source_NHA[idx_B], batch_shardings[1]),
+                      "source_weight": jnp.minimum(step / max(self_condition_steps, 1), 1.0)}
 
         def loss_fn(params):
             apply = lambda x, t, o: policy.model.apply(params, x, t, o)  # noqa: E731
             return chunk_policy.training_loss(apply, policy.objective, act_BHA, obs_BTO, loss_key,
-                                              conditioning=conditioning, max_delay=max_delay)
+                                              conditioning=conditioning, max_delay=max_delay, **source)
 
         loss, grads = jax.value_and_grad(loss_fn)(state["params"])
         updates, opt = tx.update(grads, state["opt"], state["params"])
@@ -263,6 +314,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
     conditioning, max_delay = config.policy.conditioning, config.policy.max_delay
     obs_NTO, act_NHA = windows(demos, obs_norm, act_norm, config.policy.obs_horizon, config.policy.action_horizon,
                                offsets=max_delay if conditioning == "vlash" else 0)
+    arrays = (obs_NTO, act_NHA)
+    if conditioning == "remac":  # before anything is written: a bad frozen_policy leaves the workdir as it was
+        frozen, frozen_weights = load_frozen(config, demos)
+        arrays += (frozen_plans(demos, frozen, frozen_weights, act_norm, config.policy.execute_steps,
+                                config.policy.action_horizon, config.seed),)
     policy = eval_policy.policy_from_config(config, demos.action_dim)
     tx = make_optimizer(config)
     outputs.write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
@@ -282,9 +338,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
         outputs.truncate_metrics(workdir, resumed, drop_at=("success",))  # evals at `resumed` run again
     else:
         state = init()
-    data = jax.device_put((obs_NTO, act_NHA), replicated)
+    data = jax.device_put(arrays, replicated)
+    anneal = config.policy.self_condition_steps or max(config.train.steps // 2, 1)
     step_fn = jax.jit(make_train_step(policy, tx, config.train.batch_size, config.train.ema_power, config.seed,
-                                      batch_shardings, conditioning, max_delay), donate_argnums=(0,))
+                                      batch_shardings, conditioning, max_delay, anneal), donate_argnums=(0,))
     evaluate = _evaluator(config, policy)
     expert = demos.meta.get("expert_success_rate")
     metrics = outputs.MetricsWriter(workdir)

@@ -322,7 +322,7 @@ class ChunkPolicyServer:
             history = session.history
         running, delay = None, 0
         if "running_actions" in obs:
-            if self.strategy is None or self.strategy.name not in ("rtc", "prefix", "faster"):
+            if self.strategy is None or not self.strategy.guided:
                 raise RequestError("'running_actions' needs a server started with --strategy=rtc|prefix|faster")
             running = self._array(obs, "running_actions", [(self.policy.action_horizon, self.policy.action_dim)])
             delay = obs.get("delay", 0)

@@ -117,3 +117,34 @@ def test_prefix_training_scores_only_the_free_actions():
     with pytest.raises(ValueError, match="flow"):
         chunk_policy.training_loss(exact, chunk_policy.Objective("ddpm"), chunk, obs, jax.random.key(0),
                                    conditioning="prefix", max_delay=2)
+
+
+def test_remac_prefixes_blend_from_the_demo_into_the_frozen_plan():
+    """Self-conditioning changes only the model's input on the prefix rows:
+    weight 0 is plain prefix training, weight 1 shows the frozen plan there,
+    0.5 their mean; the free rows always learn the demo's actions."""
+    objective = chunk_policy.Objective("flow", sample_steps=10)
+    rng = np.random.default_rng(3)
+    chunk = jnp.asarray(rng.uniform(-0.9, 0.9, (32, 8, 2)), jnp.float32)
+    source = jnp.asarray(rng.uniform(-0.9, 0.9, (32, 8, 2)), jnp.float32)
+    seen = {}
+
+    def apply(x, time, o):
+        seen["x"], seen["t"] = x, time
+        return jnp.zeros_like(x)
+
+    def run(cond, **kw):
+        loss = chunk_policy.training_loss(apply, objective, chunk, jnp.zeros((32, 2, 3)), jax.random.key(4),
+                                          conditioning=cond, max_delay=4, **kw)
+        return float(loss), np.asarray(seen["x"]), np.asarray(seen["t"]) == 1.0
+
+    plain, x_plain, prefix = run("prefix")
+    assert 0 < prefix.sum() < prefix.size
+    for w in (0.0, 0.5, 1.0):
+        loss, x, same_prefix = run("remac", source_BHA=source, source_weight=w)
+        np.testing.assert_array_equal(same_prefix, prefix)  # same key: same delays and times
+        want = np.where(prefix[..., None], (1 - w) * np.asarray(chunk) + w * np.asarray(source), x_plain)
+        np.testing.assert_allclose(x, want, atol=1e-6)
+        assert loss == pytest.approx(plain, rel=1e-6)  # the target and the scored rows do not change
+    with pytest.raises(ValueError, match="source_BHA"):
+        run("remac")

@@ -29,6 +29,7 @@ def _ran(run_BSA):
     ("naive_async", 2, [100, 101, 202, 203], 204),
     ("rtc", 3, [100, 101, 102, 203], 204),
     ("prefix", 4, [100, 101, 102, 103], 204),
+    ("remac", 2, [100, 101, 202, 203], 204),
     ("vlash", 2, [100, 101, 200, 201], 202),  # the new chunk starts d steps later
 ])
 def test_which_action_runs(name, d, expected, next_first):
@@ -80,6 +81,9 @@ def test_allowed_horizons_pass():
 
 def test_conditioning_must_match_the_training():
     chunking.check_conditioning(chunking.Strategy("prefix"), "faster", "flow")  # FASTER trains prefixes too
+    chunking.check_conditioning(chunking.Strategy("prefix"), "remac", "flow")
+    with pytest.raises(ValueError, match="policy.conditioning='remac'"):
+        chunking.check_conditioning(chunking.Strategy("remac"), "prefix", "flow")
     chunking.check_conditioning(chunking.Strategy("naive_async"), "vlash", "ddpm")
     with pytest.raises(ValueError, match="policy.conditioning='vlash'"):
         chunking.check_conditioning(chunking.Strategy("vlash"), "none", "flow")

@@ -98,6 +98,17 @@ def test_a_stopped_run_resumes_to_the_same_params(tmp_path):
         train_policy.train(other, tmp_path / "b", progress=False)
     assert (tmp_path / "b" / "config.json").read_text() == before
 
+    # REMAC: prefixes self-conditioned on the finished run's plans (a frozen policy)
+    remac = _small(steps=4)
+    remac.policy.update(conditioning="remac", max_delay=2, frozen_policy=str(tmp_path / "a"))
+    summary = train_policy.train(remac, tmp_path / "remac", progress=False)
+    assert summary["finished"] and np.isfinite(json.loads(
+        (tmp_path / "remac" / "metrics.jsonl").read_text().splitlines()[0])["loss"])
+    remac.policy.frozen_policy = str(tmp_path / "nothing")
+    with pytest.raises(ConfigError, match="frozen_policy.*not a train_policy workdir"):
+        train_policy.train(remac, tmp_path / "remac2", progress=False)
+    assert not list((tmp_path / "remac2").iterdir())
+
 
 @pytest.mark.parametrize("field,value,match", [
     ("policy.execute_steps", 9, "at most config.policy.action_horizon"),
@@ -105,6 +116,7 @@ def test_a_stopped_run_resumes_to_the_same_params(tmp_path):
     ("objective.kind", "gan", "objective.kind"),
     ("env.suite", "robosuite", "env.suite"),
     ("train.batch_size", 0, "train.batch_size"),
+    ("policy.conditioning", "remac", "frozen_policy"),
 ])
 def test_bad_configs_name_the_field(tmp_path, field, value, match):
     c = _small()
@@ -151,3 +163,38 @@ def test_vlash_windows_carry_the_robot_state_of_a_later_step():
             assert np.all(obs_NTO[row, -1, 4:] == obs[n, 4:])  # the target as at t
             assert np.all(obs_NTO[row, 0] == obs[max(n - 1, 0 if n < 4 else 4)])  # the older frame untouched
             assert act_NHA[row, 0, 0] == later  # actions start at t + δ
+
+
+def test_frozen_plans_are_the_running_chunk_aligned_to_each_step():
+    """REMAC's source for step t is the chunk planned s steps earlier (clamped to
+    the episode's first step), read from the row for step t on, its tail
+    repeating its last row. A fake frozen policy plans action = its newest
+    observation's step index + row, so the right plan for t reads t, t+1, …"""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from atoll.core import policy as policy_nets
+    from atoll.data import demos as demos_lib
+
+    @dataclasses.dataclass(frozen=True)
+    class Planner:
+        obs_horizon: int = 2
+        action_horizon: int = 6
+
+        def act(self, weights, obs_BTO, key):
+            return obs_BTO[:, -1, :1, None] + jnp.arange(self.action_horizon, dtype=jnp.float32)[None, :, None]
+
+    steps = np.arange(9, dtype=np.float32)  # episodes of 5 and 4 steps; observation = global step index
+    demos = demos_lib.Demos(np.repeat(steps[:, None], 3, axis=1), np.zeros((9, 1), np.float32), np.asarray([5, 9]),
+                            {})
+    ident = policy_nets.Normalizer(np.zeros(1, np.float32), np.ones(1, np.float32))
+    plans_NHA = train_policy.frozen_plans(demos, Planner(), {}, ident, execute_steps=2, action_horizon=4, seed=0,
+                                          batch=4)
+    assert plans_NHA.shape == (9, 4, 1)
+    for t in range(9):
+        first = 0 if t < 5 else 5
+        stale = max(t - 2, first)
+        rows = [stale + min(t - stale + i, 5) for i in range(4)]  # the frozen chunk has 6 rows
+        assert plans_NHA[t, :, 0].tolist() == rows, t
+    assert train_policy.stale_steps([5, 9], 2).tolist() == [0, 0, 0, 1, 2, 5, 5, 5, 6]

@@ -6,12 +6,16 @@ control steps (issue 10, item 5), next to the Kinetix figures of RTC, VLASH and 
         [--envs=intercept] [--strategies=naive_async,rtc]
 
 The study, per environment of the JAX suite:
-  policies    four flow policies trained on the same expert demos, one per
+  policies    five flow policies trained on the same expert demos, one per
               training the strategies need (policy.conditioning): none (sync,
               naive_async, temporal_ensemble, rtc, fused), prefix (training-time
-              RTC / REMAC-style clean prefixes of d ~ U{0..d_max}), vlash (robot
-              state offset by δ ~ U{0..d_max}) and faster (prefixes + per-action
-              clocks). Same architecture, steps, data and seed.
+              RTC: clean prefixes of d ~ U{0..d_max} from the demo itself),
+              remac (the same, with REMAC's self-conditioning: over the first
+              half of training the prefixes blend into the stale plans of the
+              frozen `none` policy, the plans a running chunk holds at run
+              time), vlash (robot state offset by δ ~ U{0..d_max}) and faster
+              (prefixes + per-action clocks). Same architecture, steps, data
+              and seed.
   execution   H actions predicted, s executed per chunk, the same s at every d
               (so d = 0 is the delay-free baseline of the same execution), and
               d_max <= s <= H - d_max; d is the inference delay in control steps
@@ -73,9 +77,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                            "eval": {"every": 3000, "final_episodes": 50}}},
 }
 METAWORLD = "metaworld:"
-CONDITIONINGS = ("none", "prefix", "vlash", "faster")
+CONDITIONINGS = ("none", "prefix", "remac", "vlash", "faster")  # none first: remac's frozen source
 ACCEPTANCE_DELAY = 4
-RECOVERING = ("rtc", "vlash", "prefix")
+RECOVERING = ("rtc", "vlash", "prefix", "remac")  # remac: prefix conditioning, self-conditioned
 
 # Kinetix (12 levels, H = 8, flow MLP-Mixer, d = 0..4): success at d = 0 / 4 as
 # reported (research/robot_policies.md, Table 2; numbers are comparable only
@@ -130,9 +134,10 @@ def resolve_envs(names: Sequence[str]) -> list[str]:
     return out
 
 
-def policy_config(preset: dict, env: str, conditioning: str):
+def policy_config(preset: dict, env: str, conditioning: str, frozen_policy: str = ""):
     """policy.py's variant for one (env, conditioning): the JAX suite's, or
-    metaworld's with the preset's "metaworld" sizes for "metaworld:<task>"."""
+    metaworld's with the preset's "metaworld" sizes for "metaworld:<task>";
+    frozen_policy: remac's source (the env's `none` policy workdir)."""
     from atoll.configs import policy
 
     if env.startswith(METAWORLD):
@@ -144,7 +149,8 @@ def policy_config(preset: dict, env: str, conditioning: str):
         c.env.task = env
         sizes = preset
     c.policy.update(action_horizon=preset["horizon"], execute_steps=preset["execute_steps"],
-                    conditioning=conditioning, max_delay=max(preset["delays"]) if conditioning != "none" else 0)
+                    conditioning=conditioning, max_delay=max(preset["delays"]) if conditioning != "none" else 0,
+                    frozen_policy=frozen_policy)
     c.model.update(**sizes["model"])
     c.train.update(**sizes["train"])
     c.eval.update(**sizes["eval"])
@@ -160,7 +166,8 @@ def check_reusable(workdir: Path, config) -> None:
         return
     from atoll.experiments.reproduce.metaworld_policy import config_differences
 
-    differ = config_differences(json.loads(saved.read_text()), json.loads(config.to_json_best_effort()))
+    differ = [k for k in config_differences(json.loads(saved.read_text()), json.loads(config.to_json_best_effort()))
+              if k != "policy.frozen_policy"]  # an absolute path: it moves with --out
     if differ:
         raise ReproductionError(f"{workdir} holds a policy with a different {', '.join(differ[:4])} (another "
                                 "preset?); use another --out or delete that folder (nothing was changed)")
@@ -332,14 +339,16 @@ def run_study(preset_name: str, out: Path, envs: Sequence[str] | None = None,
     H, s, delays = preset["horizon"], preset["execute_steps"], tuple(preset["delays"])
     for name in strategies:
         chunking.check_horizons(name, max(delays), s, H)
-    needed = sorted({chunking.Strategy(n).conditioning for n in strategies}, key=CONDITIONINGS.index)
+    needed = {chunking.Strategy(n).conditioning for n in strategies}
+    needed = sorted(needed | ({"none"} if "remac" in needed else set()), key=CONDITIONINGS.index)
     out.mkdir(parents=True, exist_ok=True)
     rows, policies = [], {}
     for env in envs:
         for cond in needed:
             workdir = out / "policies" / f"{env.replace(':', '-')}-{cond}"
             print(f"== policy {env} / conditioning {cond}", flush=True)
-            summary = train_policy_or_reuse(workdir, policy_config(preset, env, cond), progress)
+            frozen = str(out.absolute() / "policies" / f"{env.replace(':', '-')}-none") if cond == "remac" else ""
+            summary = train_policy_or_reuse(workdir, policy_config(preset, env, cond, frozen), progress)
             policies[(env, cond)] = {"success_d0_training_eval": summary["success"],
                                      "expert_success": summary["expert_success"], "workdir": str(workdir.relative_to(out))}
         episodes = preset["metaworld"]["episodes"] if env.startswith(METAWORLD) else preset["episodes"]
