@@ -184,6 +184,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
                             f"config.policy.action_horizon = {c.policy.action_horizon} (a chunk holds H actions)")
     v.choice(c, "policy.conditioning", CONDITIONING)
     v.non_negative(c, "policy.max_delay", "policy.self_condition_steps")
+    if c.policy.conditioning != "remac" and (c.policy.frozen_policy or c.policy.self_condition_steps):
+        raise v.ConfigError("config.policy.frozen_policy and self_condition_steps belong to conditioning 'remac'; "
+                            f"this run's conditioning is {c.policy.conditioning!r}")
+    if c.policy.self_condition_steps > c.train.steps:
+        raise v.ConfigError(f"config.policy.self_condition_steps = {c.policy.self_condition_steps} exceeds "
+                            f"config.train.steps = {c.train.steps}: the frozen plans would never take over")
     if c.policy.conditioning != "none":
         if c.policy.conditioning != "vlash" and c.objective.kind != "flow":
             raise v.ConfigError(f"config.policy.conditioning = {c.policy.conditioning!r} trains a flow sampler's "
@@ -226,3 +232,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for axis, size in c.mesh.items():
         if not isinstance(size, int) or size == 0 or size < -1:
             raise v.ConfigError(f"config.mesh.{axis} = {size!r} must be a positive int or -1")
+
+
+# Fields added after runs were saved: a saved config.json without them had these values.
+ADDED_DEFAULTS = {("policy", "frozen_policy"): "", ("policy", "self_condition_steps"): 0}
+
+
+def with_added_defaults(saved: dict) -> dict:
+    """A saved config (a plain dict from config.json) with the fields added since filled in."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+    for (section, key), value in ADDED_DEFAULTS.items():
+        if isinstance(out.get(section), dict):
+            out[section].setdefault(key, value)
+    return out

@@ -28,7 +28,7 @@ _HOST = flags.DEFINE_string("host", "0.0.0.0", "Interface to listen on.")
 _PORT = flags.DEFINE_integer("port", 8000, "Port (0: any free one).")
 _STRATEGY = flags.DEFINE_enum("strategy", None, list(chunking.STRATEGIES),
                               "Execution strategy whose sampler answers requests that carry 'running_actions' "
-                              "(rtc, prefix, faster); others sample plainly.")
+                              "(rtc, prefix, remac, faster); others sample plainly.")
 _EXECUTE = flags.DEFINE_integer("execute_steps", None, "s reported in the metadata (default: the run's).")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 16, "Most requests answered by one batched inference.")
 _WARM_UP = flags.DEFINE_bool("warm_up", True, "Compile every batch size before serving.")

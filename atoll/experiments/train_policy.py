@@ -47,6 +47,7 @@ from atoll.parallel import checkpoint, mesh as mesh_lib, runtime, sharding
 
 # Fields that fix the saved state's shapes or meaning: a workdir only resumes with the same ones.
 _STATE_FIELDS = ("env", "data", "policy", "model", "objective", "normalizer")
+_PLAN_STREAM = 0x5E1F  # folded into the seed for the frozen policy's sampling, apart from the training steps' keys
 
 
 class DataError(ValueError):
@@ -144,15 +145,38 @@ def frozen_plans(demos: demos_lib.Demos, frozen: chunk_policy.ChunkPolicy, froze
     for start in range(0, stale_N.size, batch):
         ids = stale_N[start:start + batch]
         obs_BTO = demos.obs_ND[obs_idx_NT[ids]].astype(np.float32)
-        chunk_BHA = np.asarray(act(frozen_weights, obs_BTO, jax.random.fold_in(jax.random.key(seed), start)))
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _PLAN_STREAM), start)  # not a step's key
+        chunk_BHA = np.asarray(act(frozen_weights, obs_BTO, key))
         plans.append(np.take_along_axis(chunk_BHA, row_NH[start:start + batch, :, None], axis=1))
     return np.asarray(act_norm.normalize(np.concatenate(plans)), np.float32)
 
 
-def load_frozen(config, demos: demos_lib.Demos):
-    """(ChunkPolicy, weights) of config.policy.frozen_policy, checked against this run's data."""
+def weights_fingerprint(weights) -> str:
+    """sha256 over a weight tree's leaves (shapes, dtypes, bytes), in tree order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(jax.device_get(weights)):
+        leaf = np.asarray(leaf)
+        h.update(f"{leaf.shape}{leaf.dtype}".encode())
+        h.update(np.ascontiguousarray(leaf).tobytes())
+    return h.hexdigest()
+
+
+def load_frozen(config, demos: demos_lib.Demos, workdir: Path):
+    """(ChunkPolicy, weights) of config.policy.frozen_policy: a finished run, not
+    this one, with this run's data sizes, and (on a resume) the very weights the
+    run started with (workdir/frozen.json)."""
+    path = Path(config.policy.frozen_policy).absolute()
+    if path.name == "checkpoints":
+        path = path.parent
+    if path == workdir:
+        raise ConfigError("config.policy.frozen_policy is this run's own workdir; point it at a finished run")
+    if (path / "config.json").exists() and not (path / "summary.json").exists():
+        raise ConfigError(f"config.policy.frozen_policy {path} has not finished training (no summary.json): its "
+                          "newest checkpoint would change under this run")
     try:
-        frozen_config, frozen, weights, _ = eval_policy.load_policy(config.policy.frozen_policy)
+        frozen_config, frozen, weights, step = eval_policy.load_policy(path)
     except eval_policy.EvalError as e:
         raise ConfigError(f"config.policy.frozen_policy: {e}") from None
     obs_dim = int(np.shape(weights["obs_norm"]["offset_D"])[-1])
@@ -160,7 +184,20 @@ def load_frozen(config, demos: demos_lib.Demos):
         raise ConfigError(f"config.policy.frozen_policy {config.policy.frozen_policy} was trained on "
                           f"{frozen_config.env.task!r} ({obs_dim}-D observations, {frozen.action_dim}-D actions); "
                           f"this run's data has {demos.obs_dim}-D observations and {demos.action_dim}-D actions")
-    return frozen, weights
+    reach = config.policy.execute_steps + config.policy.max_delay
+    if frozen.action_horizon < reach:
+        raise ConfigError(f"config.policy.frozen_policy plans {frozen.action_horizon} actions; a prefix of up to "
+                          f"max_delay = {config.policy.max_delay} rows after s = {config.policy.execute_steps} "
+                          f"executed needs {reach}")
+    record = {"path": str(path), "step": int(step), "weights_sha256": weights_fingerprint(weights)}
+    saved = workdir / "frozen.json"
+    if saved.exists():
+        before = json.loads(saved.read_text())
+        if (before["step"], before["weights_sha256"]) != (record["step"], record["weights_sha256"]):
+            raise ConfigError(f"config.policy.frozen_policy {path} (step {step}) is not the policy this run started "
+                              f"from ({before['path']}, step {before['step']}); resume with that one or use a new "
+                              "--workdir (nothing was changed)")
+    return frozen, weights, record
 
 
 # ----------------------------------------------------------------------- state
@@ -227,9 +264,12 @@ def _check_workdir_config(workdir: Path, config) -> None:
     saved_path = workdir / "config.json"
     if not saved_path.exists():
         return
-    saved, now = json.loads(saved_path.read_text()), json.loads(config.to_json_best_effort())
+    saved = policy_config.with_added_defaults(json.loads(saved_path.read_text()))
+    now = json.loads(config.to_json_best_effort())
+    # policy.frozen_policy is a path that moves with its folder: frozen.json fingerprints what it held
     differ = [f"{f}.{k}" for f in _STATE_FIELDS for k in set(saved.get(f, {})) | set(now.get(f, {}))
-              if isinstance(now.get(f), dict) and saved.get(f, {}).get(k) != now[f].get(k)]
+              if isinstance(now.get(f), dict) and saved.get(f, {}).get(k) != now[f].get(k)
+              and (f, k) != ("policy", "frozen_policy")]
     differ += [f for f in _STATE_FIELDS if not isinstance(now.get(f), dict) and saved.get(f) != now.get(f)]
     if differ:
         raise ConfigError(f"{workdir} holds a run with a different {', '.join(sorted(differ)[:4])}; "
@@ -306,7 +346,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
         raise mesh_lib.MeshError(f"config.mesh.data = {data} but only {len(jax.devices())} devices are available")
     mesh = mesh_lib.make_mesh(dict(config.mesh), jax.devices()[:data] if data > 0 else None)
     _check_batch(config, mesh)
-    workdir.mkdir(parents=True, exist_ok=True)
 
     demos = load_demos(config, progress)
     obs_norm = policy_nets.fit_normalizer(demos.obs_ND, config.normalizer)
@@ -314,11 +353,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
     conditioning, max_delay = config.policy.conditioning, config.policy.max_delay
     obs_NTO, act_NHA = windows(demos, obs_norm, act_norm, config.policy.obs_horizon, config.policy.action_horizon,
                                offsets=max_delay if conditioning == "vlash" else 0)
-    arrays = (obs_NTO, act_NHA)
+    arrays, frozen_record = (obs_NTO, act_NHA), None
     if conditioning == "remac":  # before anything is written: a bad frozen_policy leaves the workdir as it was
-        frozen, frozen_weights = load_frozen(config, demos)
+        frozen, frozen_weights, frozen_record = load_frozen(config, demos, workdir)
         arrays += (frozen_plans(demos, frozen, frozen_weights, act_norm, config.policy.execute_steps,
                                 config.policy.action_horizon, config.seed),)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if frozen_record is not None:
+        outputs.write_json(workdir / "frozen.json", frozen_record)
     policy = eval_policy.policy_from_config(config, demos.action_dim)
     tx = make_optimizer(config)
     outputs.write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))

@@ -9,7 +9,8 @@ chunk has arrived; the number of actions it sent since the request is the
 measured delay d (a chunk back within one tick period: d = 1), and the
 strategy (atoll.core.chunking) decides the new plan:
 
-  naive_async, rtc, prefix, faster   the new chunk from row d on
+  naive_async, rtc, prefix, remac,   the new chunk from row d on
+  faster
   vlash                              the old plan until d_plan, then the new chunk
                                      (it was computed for that tick)
   fused                              the new chunk blended into the old at row d

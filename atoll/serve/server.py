@@ -247,7 +247,7 @@ class ChunkPolicyServer:
     server keeps this connection's last T_o observations, the first one
     repeated, as in training) or [T_o, O] (the client's own history); "reset":
     true starts a new history. With an execution strategy that conditions on
-    the running chunk (rtc, prefix, faster), "running_actions" [H, A] (aligned
+    the running chunk (rtc, prefix, remac, faster), "running_actions" [H, A] (aligned
     to this observation) and "delay" (int d) may come along; without them the
     chunk is sampled plainly.
     """
@@ -323,7 +323,7 @@ class ChunkPolicyServer:
         running, delay = None, 0
         if "running_actions" in obs:
             if self.strategy is None or not self.strategy.guided:
-                raise RequestError("'running_actions' needs a server started with --strategy=rtc|prefix|faster")
+                raise RequestError("'running_actions' needs a server started with --strategy=rtc|prefix|remac|faster")
             running = self._array(obs, "running_actions", [(self.policy.action_horizon, self.policy.action_dim)])
             delay = obs.get("delay", 0)
             if not isinstance(delay, (int, np.integer)) or not 0 <= int(delay) < self.policy.action_horizon:

@@ -100,6 +100,10 @@ def test_aggregate_and_acceptance():
     assert mp.acceptance(agg, demos=10) == []
     assert mp.config_differences({"train": {"steps": 1}, "seed": 0}, {"train": {"steps": 2}, "seed": 1}) == [
         "seed", "train.steps"]
+    # a run saved before policy.frozen_policy / self_condition_steps existed is still this preset's
+    old = {"policy": {"conditioning": "none"}, "data": {"path": "/elsewhere/demos.npz"}}
+    now = {"policy": {"conditioning": "none", "frozen_policy": "", "self_condition_steps": 0}, "data": {}}
+    assert mp.config_differences(mp._comparable(old), mp._comparable(now)) == []
 
 
 def test_plan_puts_whole_seeds_of_the_criterion_first():
@@ -115,4 +119,6 @@ def test_plan_puts_whole_seeds_of_the_criterion_first():
                "setting": {"eval_episodes": 50, "max_steps": 500, "train_steps": 3000}, "acceptance": [],
                "easy_average": []}
     assert "Partial: 1 of the 24 runs" in mp.results_markdown(results)
+    results["acceptance"] = mp.acceptance(results["aggregate"])
+    assert "criterion holds so far (1 of 24 runs done)" in mp.results_markdown(results)
     assert "Partial" not in mp.results_markdown({**results, "planned_runs": 1})

@@ -104,10 +104,16 @@ def test_a_stopped_run_resumes_to_the_same_params(tmp_path):
     summary = train_policy.train(remac, tmp_path / "remac", progress=False)
     assert summary["finished"] and np.isfinite(json.loads(
         (tmp_path / "remac" / "metrics.jsonl").read_text().splitlines()[0])["loss"])
-    remac.policy.frozen_policy = str(tmp_path / "nothing")
-    with pytest.raises(ConfigError, match="frozen_policy.*not a train_policy workdir"):
-        train_policy.train(remac, tmp_path / "remac2", progress=False)
-    assert not list((tmp_path / "remac2").iterdir())
+    record = tmp_path / "remac" / "frozen.json"
+    assert json.loads(record.read_text())["step"] == 12
+    record.write_text(json.dumps({**json.loads(record.read_text()), "weights_sha256": "0" * 64}))
+    for frozen, workdir, match in [(tmp_path / "a", "remac", "not the policy this run started from"),
+                                   (tmp_path / "nothing", "remac2", "not a train_policy workdir"),
+                                   (tmp_path / "remac2", "remac2", "own workdir")]:
+        remac.policy.frozen_policy = str(frozen)
+        with pytest.raises(ConfigError, match=match):
+            train_policy.train(remac, tmp_path / workdir, progress=False)
+    assert not (tmp_path / "remac2").exists()  # a refused run leaves nothing behind
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -117,6 +123,7 @@ def test_a_stopped_run_resumes_to_the_same_params(tmp_path):
     ("env.suite", "robosuite", "env.suite"),
     ("train.batch_size", 0, "train.batch_size"),
     ("policy.conditioning", "remac", "frozen_policy"),
+    ("policy.frozen_policy", "runs/plain", "belong to conditioning 'remac'"),
 ])
 def test_bad_configs_name_the_field(tmp_path, field, value, match):
     c = _small()

@@ -166,8 +166,11 @@ def check_reusable(workdir: Path, config) -> None:
         return
     from atoll.experiments.reproduce.metaworld_policy import config_differences
 
-    differ = [k for k in config_differences(json.loads(saved.read_text()), json.loads(config.to_json_best_effort()))
-              if k != "policy.frozen_policy"]  # an absolute path: it moves with --out
+    from atoll.configs import policy
+
+    differ = [k for k in config_differences(policy.with_added_defaults(json.loads(saved.read_text())),
+                                            json.loads(config.to_json_best_effort()))
+              if k != "policy.frozen_policy"]  # an absolute path: it moves with --out (frozen.json checks it)
     if differ:
         raise ReproductionError(f"{workdir} holds a policy with a different {', '.join(differ[:4])} (another "
                                 "preset?); use another --out or delete that folder (nothing was changed)")
@@ -219,7 +222,7 @@ def evaluate_or_reuse(path: Path, workdir: Path, env: str, strategy: str, d: int
 
 def acceptance(rows: Sequence[dict], env: str, d: int = ACCEPTANCE_DELAY) -> dict | None:
     """The issue's ci checks on one env at delay d: naive loses >= 10 points
-    against d = 0; some of rtc / vlash / prefix is within 5 points of d = 0 and
+    against d = 0; some of rtc / vlash / prefix / remac is within 5 points of d = 0 and
     finishes episodes faster than sync at d."""
     cell = {(r["strategy"], r["d"]): r for r in rows if r["env"] == env}
     base = cell.get(("naive_async", 0))

@@ -177,7 +177,9 @@ def run_config(preset: dict, run: dict, demo_path: Path):
 def _comparable(config_dict: dict) -> dict:
     """A saved config without what may differ between two runs of one study
     (the demo file's absolute path moves with DIR)."""
-    out = json.loads(json.dumps(config_dict))
+    from atoll.configs import policy
+
+    out = policy.with_added_defaults(json.loads(json.dumps(config_dict)))
     out.get("data", {}).pop("path", None)
     return out
 
@@ -400,11 +402,13 @@ def acceptance_lines(results: dict) -> list[str]:
     if not acc:
         return [head, f"This run has no {ACCEPTANCE_DEMOS}-demo runs, so the criterion is not measured here."]
     out = [head]
+    done, planned = len(results["runs"]), results.get("planned_runs", len(results["runs"]))
+    partial = f" so far ({done} of {planned} runs done)" if done < planned else ""
     for a in acc:
         scope = "MT10" if a["covers_mt10"] else "the tasks run (not all of MT10)"
         ratio = "–" if a["ratio"] is None else f"{a['ratio']:.3f}"
         verdict = "holds" if a["holds"] else "does NOT hold"
-        out.append(f"- {a['objective']}: average over {scope} = {ratio}; the criterion {verdict}"
+        out.append(f"- {a['objective']}: average over {scope} = {ratio}; the criterion {verdict}{partial}"
                    + ("" if a["covers_mt10"] and results["preset"] == "full" else
                       " (for this run's setting; the criterion is stated for the full MT10 study)") + ".")
     return out
