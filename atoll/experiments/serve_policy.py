@@ -32,6 +32,8 @@ _STRATEGY = flags.DEFINE_enum("strategy", None, list(chunking.STRATEGIES),
 _EXECUTE = flags.DEFINE_integer("execute_steps", None, "s reported in the metadata (default: the run's).")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 16, "Most requests answered by one batched inference.")
 _WARM_UP = flags.DEFINE_bool("warm_up", True, "Compile every batch size before serving.")
+_MAX_MESSAGE_MB = flags.DEFINE_float("max_message_mb", 64.0, "Largest request in MiB; a bigger one closes its "
+                                     "connection (0: no limit, as openpi's servers).")
 _LOG_EVERY = flags.DEFINE_integer("log_every", 100, "Print latency percentiles every this many requests (0: never).")
 
 
@@ -56,7 +58,8 @@ def main(argv) -> None:
     try:
         policy = make_chunk_policy_server(_CHECKPOINT.value, execute_steps=_EXECUTE.value,
                                                      strategy=_STRATEGY.value)
-        server = server_lib.PolicyServer(policy, _HOST.value, _PORT.value, _MAX_BATCH.value, _LOG_EVERY.value)
+        server = server_lib.PolicyServer(policy, _HOST.value, _PORT.value, _MAX_BATCH.value, _LOG_EVERY.value,
+                                         max_message_mb=_MAX_MESSAGE_MB.value or None)
     except (ValueError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -85,12 +85,17 @@ async def _send(ws, message) -> bool:
 
 
 class PolicyServer:
-    """Serves `policy` on ws://host:port (port 0: any free port, see `port` once started)."""
+    """Serves `policy` on ws://host:port (port 0: any free port, see `port` once started).
+    A message over max_message_mb closes only its own connection (websocket code
+    1009); None lifts the limit (openpi's servers set none)."""
 
     def __init__(self, policy: ServedPolicy, host: str = "0.0.0.0", port: int = 8000, max_batch: int = 16,
-                 log_every: int = 0):
+                 log_every: int = 0, max_message_mb: float | None = 64.0):
         if max_batch < 1:
             raise ValueError(f"max_batch = {max_batch} must be at least 1")
+        if max_message_mb is not None and max_message_mb <= 0:
+            raise ValueError(f"max_message_mb = {max_message_mb} must be positive (None: no limit)")
+        self.max_message_bytes = None if max_message_mb is None else int(max_message_mb * 2**20)
         self.policy, self.host, self.port, self.max_batch = policy, host, port, max_batch
         self.log_every = log_every
         self.stats = ServerStats()
@@ -179,8 +184,9 @@ class PolicyServer:
 
         self._queue = asyncio.Queue()
         self._batcher = asyncio.create_task(self._batch_loop())
-        # No message size limit, as openpi's own server and client (camera images add up).
-        self._server = await serve(self._handle, self.host, self.port, max_size=None, compression=None)
+        # 64 MiB by default: camera images fit, a runaway client cannot exhaust the host's memory.
+        self._server = await serve(self._handle, self.host, self.port, max_size=self.max_message_bytes,
+                                   compression=None)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:

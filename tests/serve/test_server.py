@@ -90,6 +90,19 @@ def test_a_bad_request_gets_an_error_and_the_connection_keeps_working(served, me
     assert server.stats.errors == 1
 
 
+def test_an_oversized_message_closes_only_its_own_connection():
+    policy = server_lib.ChunkPolicyServer(EchoPolicy(), WEIGHTS, execute_steps=1)
+    server = server_lib.PolicyServer(policy, host="127.0.0.1", port=0, max_message_mb=1 / 1024)  # 1 KiB
+    with server_lib.BackgroundServer(server) as port:
+        with client_lib.PolicyClient(port=port) as other:
+            with client_lib.PolicyClient(port=port) as c:
+                with pytest.raises(Exception, match="1009|too big"):
+                    c.send_raw(wire.packb({"state": np.zeros(4096, np.float32)}))
+            assert other.infer({"state": np.zeros(OBS)})["actions"].shape == (T_O, OBS)
+    with pytest.raises(ValueError, match="max_message_mb"):
+        server_lib.PolicyServer(policy, max_message_mb=0)
+
+
 def test_concurrent_clients_are_batched_and_each_gets_its_own_answer(served):
     server, port = served
     errors, answers = [], {}
