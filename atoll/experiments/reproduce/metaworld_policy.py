@@ -47,7 +47,7 @@ then the 10-demo runs; results.* are rewritten after each new run.
 Presets: `full` is 10 tasks × 2 × 2 × 3 = 120 runs of 3000 steps, about 3 min
 each on a 2-core CPU (training ~2 min, the 50-episode evaluation in MuJoCo the
 rest), so about 6 hours.
-The MT10 experts (Meta-World 3.3.0) succeed on 20 of episodes 0..19 of seed
+The MT10 experts (Meta-World 3.1.1) succeed on 20 of episodes 0..19 of seed
 1000 on every task but peg-insert-side (18). `ci` is a smoke test for a
 2-core CPU (reach and drawer-close, 10 demos, seed 0, a DiT of width 64 and
 depth 2, 300 steps, 10 evaluation episodes; 6 min on a heavily loaded 2-core
