@@ -121,11 +121,9 @@ def windows(demos: demos_lib.Demos, obs_norm, act_norm, obs_horizon: int, action
 
 
 def stale_steps(episode_ends_E, lag: int) -> np.ndarray:
-    """[N]: for every demo step t, the step t - lag, clamped to its episode's first step."""
-    ends_E = np.asarray(episode_ends_E, np.int64)
-    lengths_E = np.diff(ends_E, prepend=0)
-    first_N = np.repeat(ends_E - lengths_E, lengths_E)
-    return np.maximum(np.arange(first_N.size) - lag, first_N)
+    """[N]: for every demo step t, the step t - lag, clamped to its episode's first step
+    (the oldest frame of a window of lag + 1 observations)."""
+    return demos_lib.window_indices(episode_ends_E, lag + 1, 1)[0][:, 0]
 
 
 def frozen_plans(demos: demos_lib.Demos, frozen: chunk_policy.ChunkPolicy, frozen_weights, act_norm,
@@ -149,18 +147,6 @@ def frozen_plans(demos: demos_lib.Demos, frozen: chunk_policy.ChunkPolicy, froze
         chunk_BHA = np.asarray(act(frozen_weights, obs_BTO, key))
         plans.append(np.take_along_axis(chunk_BHA, row_NH[start:start + batch, :, None], axis=1))
     return np.asarray(act_norm.normalize(np.concatenate(plans)), np.float32)
-
-
-def weights_fingerprint(weights) -> str:
-    """sha256 over a weight tree's leaves (shapes, dtypes, bytes), in tree order."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for leaf in jax.tree.leaves(jax.device_get(weights)):
-        leaf = np.asarray(leaf)
-        h.update(f"{leaf.shape}{leaf.dtype}".encode())
-        h.update(np.ascontiguousarray(leaf).tobytes())
-    return h.hexdigest()
 
 
 def load_frozen(config, demos: demos_lib.Demos, workdir: Path):
@@ -189,11 +175,11 @@ def load_frozen(config, demos: demos_lib.Demos, workdir: Path):
         raise ConfigError(f"config.policy.frozen_policy plans {frozen.action_horizon} actions; a prefix of up to "
                           f"max_delay = {config.policy.max_delay} rows after s = {config.policy.execute_steps} "
                           f"executed needs {reach}")
-    record = {"path": str(path), "step": int(step), "weights_sha256": weights_fingerprint(weights)}
+    record = {"path": str(path), "step": int(step), "weights_fingerprints": checkpoint.fingerprints(weights)}
     saved = workdir / "frozen.json"
     if saved.exists():
         before = json.loads(saved.read_text())
-        if (before["step"], before["weights_sha256"]) != (record["step"], record["weights_sha256"]):
+        if (before["step"], before["weights_fingerprints"]) != (record["step"], record["weights_fingerprints"]):
             raise ConfigError(f"config.policy.frozen_policy {path} (step {step}) is not the policy this run started "
                               f"from ({before['path']}, step {before['step']}); resume with that one or use a new "
                               "--workdir (nothing was changed)")

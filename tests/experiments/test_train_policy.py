@@ -106,7 +106,7 @@ def test_a_stopped_run_resumes_to_the_same_params(tmp_path):
         (tmp_path / "remac" / "metrics.jsonl").read_text().splitlines()[0])["loss"])
     record = tmp_path / "remac" / "frozen.json"
     assert json.loads(record.read_text())["step"] == 12
-    record.write_text(json.dumps({**json.loads(record.read_text()), "weights_sha256": "0" * 64}))
+    record.write_text(json.dumps({**json.loads(record.read_text()), "weights_fingerprints": {}}))
     for frozen, workdir, match in [(tmp_path / "a", "remac", "not the policy this run started from"),
                                    (tmp_path / "nothing", "remac2", "not a train_policy workdir"),
                                    (tmp_path / "remac2", "remac2", "own workdir")]:

@@ -44,9 +44,9 @@ Runs go in the order that makes an interrupted study most useful: every
 50-demo run (the acceptance criterion's) first, seed by seed over the tasks,
 then the 10-demo runs; results.* are rewritten after each new run.
 
-Presets: `full` is 10 tasks × 2 × 2 × 3 = 120 runs of 3000 steps, about 3 min
-each on a 2-core CPU (training ~2 min, the 50-episode evaluation in MuJoCo the
-rest), so about 6 hours.
+Presets: `full` is 10 tasks × 2 × 2 × 3 = 120 runs of 3000 steps, about 2 min
+15 s each on a quiet 2-core CPU (training ~100 s, the 50-episode evaluation in
+MuJoCo most of the rest), so about 4.5 hours.
 The MT10 experts (Meta-World 3.1.1) succeed on 20 of episodes 0..19 of seed
 1000 on every task but peg-insert-side (18). `ci` is a smoke test for a
 2-core CPU (reach and drawer-close, 10 demos, seed 0, a DiT of width 64 and
@@ -81,7 +81,7 @@ ACCEPTANCE_DEMOS = 50
 # (model, train, eval and, optionally, mesh).
 PRESETS: dict[str, dict[str, Any]] = {
     # The grid with the model and schedule measured to imitate reach and push at 94-96% of the
-    # expert (docs/REPRODUCTIONS.md): about 3 min a run on a 2-core CPU, so the 120 runs fit a day.
+    # expert (docs/REPRODUCTIONS.md): about 2 min 15 s a run on a 2-core CPU, 4.5 h for the 120 runs.
     "full": {"tasks": metaworld.MT10_TASKS, "demos": (10, 50), "objectives": ("ddpm", "flow"), "seeds": (0, 1, 2),
              "eval_episodes": 50, "model": {"dim": 64, "depth": 2, "heads": 2},
              "train": {"steps": 3000, "batch_size": 64, "lr": 1e-3, "checkpoint_every": 1000},
