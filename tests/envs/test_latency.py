@@ -49,7 +49,8 @@ def test_naive_at_zero_delay_is_chunked_rollout():
     got = run(trajectory=True)
     np.testing.assert_array_equal(got.success, ref.success)
     np.testing.assert_array_equal(got.length, ref.length)
-    np.testing.assert_array_equal(got.actions_TA, ref.actions_TA)
+    # two programs, compiled apart: the same actions up to float rounding (XLA may fuse them differently)
+    np.testing.assert_allclose(got.actions_TA, ref.actions_TA, atol=1e-5)
     np.testing.assert_allclose(got.time, np.asarray(ref.length) * TASK.dt, rtol=1e-6)
     assert float(np.mean(got.success)) >= 0.9  # the planner is a working policy
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from atoll.experiments import launch
-from atoll.parallel import checkpoint, distributed
+from atoll.parallel import checkpoint, distributed, runtime
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_DILOCO = [
@@ -32,7 +32,8 @@ def _env(devices: int | None = None) -> dict:
     for k in ("ATOLL_COORDINATOR", "ATOLL_NUM_PROCESSES", "ATOLL_PROCESS_ID"):
         env.pop(k, None)
     if devices:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] = runtime.xla_flags_overriding(env.get("XLA_FLAGS", ""),
+                                                        {"xla_force_host_platform_device_count": str(devices)})
         env["JAX_NUM_CPU_DEVICES"] = str(devices)
     return env
 

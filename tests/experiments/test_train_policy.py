@@ -13,7 +13,7 @@ from atoll.experiments import eval_policy, train_policy
 from atoll.parallel import checkpoint
 
 
-def test_tiny_flow_policy_learns_intercept_and_eval_reproduces_it(tmp_path, optimized_compiles):
+def test_tiny_flow_policy_learns_intercept_and_eval_reproduces_it(tmp_path):
     """One tiny training run (the expensive part) checked four ways: it learns; eval_policy
     from the checkpoint alone (EMA weights, normalizers, config) gives the trainer's final
     figure on the same seed and episodes, twice; a rerun of the
@@ -40,13 +40,8 @@ def test_tiny_flow_policy_learns_intercept_and_eval_reproduces_it(tmp_path, opti
     assert lo <= a["success"] <= hi and a["per_seed"][0]["seed"] == summary["eval_seed"]
     with pytest.raises(eval_policy.EvalError, match="execute_steps = 5"):
         eval_policy.run(**{**kw, "execute_steps": 5})
-    # the delay simulator at d = 0 runs the same episodes the same way (a program run once:
-    # compiling it unoptimized saves more than its slower run costs)
-    jax.config.update("jax_disable_most_optimizations", True)
-    try:
-        c = eval_policy.run(**kw, strategy="naive_async", delay=0)
-    finally:
-        jax.config.update("jax_disable_most_optimizations", False)
+    # the delay simulator at d = 0 runs the same episodes the same way
+    c = eval_policy.run(**kw, strategy="naive_async", delay=0)
     assert c["per_seed"][0]["successes"] == a["per_seed"][0]["successes"] and c["strategy"] == "naive_async"
     assert c["per_seed"][0]["mean_time"] == pytest.approx(a["mean_length"] * 0.05)
     with pytest.raises(eval_policy.EvalError, match="policy.conditioning='vlash'"):
