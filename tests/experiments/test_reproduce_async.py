@@ -31,7 +31,9 @@ def test_micro_study_writes_the_contract_and_reuses_its_work(tmp_path):
     assert acc["d"] == 4 and acc["naive_loss"] == pytest.approx(cell[("naive_async", 0)]["success"]
                                                                 - cell[("naive_async", 4)]["success"])
     md = (out / "results.md").read_text()
-    assert "| naive_async |" in md and "Acceptance" in md and "Kinetix" in md
+    assert "| naive_async |" in md and "Acceptance" in md and "Kinetix" in md and "Partial" not in md
+    assert "**Partial: 1 of 2 environments done** (still to come: waypoints;" in ai.results_markdown(
+        dict(saved, planned_envs=["intercept", "waypoints"]))
     assert (out / "success_vs_delay.png").stat().st_size > 0 and (out / "time_and_jerk.png").stat().st_size > 0
     assert [p["conditioning"] for p in saved["policies"]] == ["none"]  # both strategies use the plain policy
 

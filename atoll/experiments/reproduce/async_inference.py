@@ -32,7 +32,8 @@ strategy and delay, the acceptance checks, the Kinetix figures beside ours)
 and DIR/success_vs_delay.png, DIR/time_and_jerk.png. Policies live in
 DIR/policies/<env>-<conditioning>/ (train_policy workdirs) and evaluations in
 DIR/evals/; both are reused by a rerun with the same --out, so an interrupted
-study resumes.
+study resumes. The outputs are rewritten after every environment (results.md
+names the environments still to come).
 
 Presets: `ci` is intercept with H = 8, s = 4, d in {0, 1, 2, 4}, a DiT of width
 64 and depth 2, 1500 steps, 1000 evaluation episodes: a 2-core CPU job of
@@ -260,6 +261,10 @@ def results_markdown(results: dict) -> str:
              f"{EVAL_SEED} for every strategy and delay of an environment. d: inference delay in "
              "control steps. Cells: success (mean episode time in s). Sync pauses robot and world while it infers, "
              "so its success is d = 0's and its time grows with d.", ""]
+    planned = results.get("planned_envs", results["envs"])
+    if len(results["envs"]) < len(planned):
+        lines += [f"**Partial: {len(results['envs'])} of {len(planned)} environments done** (still to come: "
+                  f"{', '.join(planned[len(results['envs']):])}; the same command continues the study).", ""]
     for env in results["envs"]:
         cell = {(r["strategy"], r["d"]): r for r in rows if r["env"] == env}
         delays = sorted({r["d"] for r in rows if r["env"] == env})
@@ -363,14 +368,18 @@ def run_study(preset_name: str, out: Path, envs: Sequence[str] | None = None,
                 print(f"   {env} {name:>17} d={d}: success {row['success']:.1%}, time {row['episode_time']:.2f} s, "
                       f"jerk {row['jerk']:.0f}", flush=True)
                 rows.append(row)
-    results = {"preset": preset_name, "envs": envs, "strategies": strategies, "runs": rows,
-               "setting": {"horizon": H, "execute_steps": s, "delays": list(delays), "episodes": preset["episodes"],
-                           "eval_seed": EVAL_SEED, "train_steps": preset["train"].get("steps")},
-               "policies": [{"env": e, "conditioning": c, **v} for (e, c), v in policies.items()],
-               "acceptance": [a for a in (acceptance(rows, e) for e in envs) if a]}
-    outputs.write_json(out / "results.json", results)
-    (out / "results.md").write_text(results_markdown(results))
-    plot(out, results)
+        # after every environment: a study of hours (the full preset) has readable partial results
+        done = envs[:envs.index(env) + 1]
+        results = {"preset": preset_name, "envs": done, "planned_envs": envs, "strategies": strategies,
+                   "runs": rows,
+                   "setting": {"horizon": H, "execute_steps": s, "delays": list(delays),
+                               "episodes": preset["episodes"], "eval_seed": EVAL_SEED,
+                               "train_steps": preset["train"].get("steps")},
+                   "policies": [{"env": e, "conditioning": c, **v} for (e, c), v in policies.items()],
+                   "acceptance": [a for a in (acceptance(rows, e) for e in done) if a]}
+        outputs.write_json(out / "results.json", results)
+        (out / "results.md").write_text(results_markdown(results))
+        plot(out, results)
     return results
 
 
