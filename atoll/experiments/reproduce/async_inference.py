@@ -37,12 +37,13 @@ names the environments still to come).
 
 Presets: `ci` is intercept with H = 8, s = 4, d in {0, 1, 2, 4}, a DiT of width
 64 and depth 2, 1500 steps, 1000 evaluation episodes: a 2-core CPU job of
-about half an hour. `full` adds waypoints, H = 16, s = 8, d up to 8, the
-intercept variant's DiT and 4000 steps, and Meta-World reach and push
+about half an hour. `full` adds waypoints, H = 16, s = 8, d up to 8 (ci's
+DiT, 2000 steps of batch 128), and Meta-World reach and push
 ("metaworld:<task>": policy.py:metaworld at the CPU size of
 docs/REPRODUCTIONS.md, 50 episodes per cell, MuJoCo stepping on the CPU;
-VLASH rolls the hand position forward by the actions' offsets). Any
-Meta-World task joins with --envs=metaworld:<task>.
+VLASH rolls the hand position forward by the actions' offsets): an estimated
+2.5 h on a 2-core CPU, most of it the Meta-World evaluations. Any Meta-World
+task joins with --envs=metaworld:<task>.
 """
 
 from __future__ import annotations
@@ -68,9 +69,14 @@ PRESETS: dict[str, dict[str, Any]] = {
            "train": {"steps": 1500, "batch_size": 128, "lr": 2e-3, "warmup_steps": 100, "log_every": 100,
                      "checkpoint_every": 500},
            "eval": {"every": 1500, "final_episodes": 256}},
+    # CPU-sized (the intercept variant's DiT, 4000 steps of batch 256 and 2048 episodes a cell would take
+    # 5-6 h here): ci's DiT and training at twice the chunk, 1000 episodes a cell
     "full": {"envs": ("intercept", "waypoints", "metaworld:reach-v3", "metaworld:push-v3"), "delays": (0, 1, 2, 4, 8),
-             "horizon": 16, "execute_steps": 8, "episodes": 2048, "model": {}, "train": {"steps": 4000},
-             "eval": {"every": 4000, "final_episodes": 1000},
+             "horizon": 16, "execute_steps": 8, "episodes": 1000,
+             "model": {"dim": 64, "depth": 2, "heads": 2},
+             "train": {"steps": 2000, "batch_size": 128, "lr": 2e-3, "warmup_steps": 100, "log_every": 100,
+                       "checkpoint_every": 500},
+             "eval": {"every": 2000, "final_episodes": 256},
              # Meta-World: the CPU-sized policy of docs/REPRODUCTIONS.md (reach 96%, push 94% at d = 0)
              "metaworld": {"episodes": 50, "model": {"dim": 64, "depth": 2, "heads": 2},
                            "train": {"steps": 3000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 200,
