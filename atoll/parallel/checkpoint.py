@@ -40,7 +40,9 @@ depend on the sharding).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -341,9 +343,29 @@ def _verify(step: int, directory: Path, saved: dict, now: dict) -> None:
 # ---------------------------------------------------------------- reading without atoll's trainer
 
 
+class _NoStepMetadataWarning(logging.Filter):
+    """Drops orbax's "Metadata file does not exist" warning: opened at the item
+    folder (step/state), orbax looks there for the step's _CHECKPOINT_METADATA,
+    which lives one level up and which reading the arrays does not need."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Metadata file does not exist")
+
+
+@contextlib.contextmanager
+def _quiet_item_read():
+    absl_logger, quiet = logging.getLogger("absl"), _NoStepMetadataWarning()
+    absl_logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(quiet)
+
+
 def _saved_tree(path: Path) -> Any:
     """The saved state's tree of array metadata (shape, dtype), read from disk."""
-    return ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
+    with _quiet_item_read():
+        return ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
 
 
 def read_on_host(directory: str | Path, step: int, item: str = "state") -> Any:
@@ -353,7 +375,8 @@ def read_on_host(directory: str | Path, step: int, item: str = "state") -> Any:
     if not path.exists():
         raise CheckpointError(f"no checkpoint item {path}")
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), _saved_tree(path))
-    return ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+    with _quiet_item_read():
+        return ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
 
 
 def read_extra(directory: str | Path, step: int) -> dict:

@@ -100,7 +100,7 @@ def test_restores_onto_other_meshes_and_device_counts(tmp_path):
     ck.close()
 
 
-def test_retention_keeps_the_newest_and_every_kth(tmp_path):
+def test_retention_keeps_the_newest_and_every_kth(tmp_path, caplog):
     state = {"w": jax.numpy.zeros(8)}
     ck = checkpoint.Checkpointer(tmp_path, keep=2, keep_every=4, mode="async")
     for step in range(1, 11):
@@ -109,6 +109,10 @@ def test_retention_keeps_the_newest_and_every_kth(tmp_path):
     assert ck.all_steps() == [4, 8, 9, 10]
     ck.close()
     assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [4, 8, 9, 10]
+    # read back without a trainer, and without orbax's warning about the step metadata one level up
+    with caplog.at_level("WARNING"):
+        np.testing.assert_array_equal(checkpoint.read_on_host(tmp_path, 8)["w"], np.zeros(8))
+    assert not [r for r in caplog.records if "Metadata file" in r.getMessage()], caplog.text
 
 
 def _array_files(step_dir: Path) -> list[Path]:
