@@ -349,7 +349,8 @@ class _NoStepMetadataWarning(logging.Filter):
     which lives one level up and which reading the arrays does not need."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Metadata file does not exist")
+        return not (str(record.msg).startswith("Metadata file does not exist") and record.args
+                    and str(record.args[0]).endswith("_CHECKPOINT_METADATA"))
 
 
 @contextlib.contextmanager

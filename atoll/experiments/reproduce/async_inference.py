@@ -138,7 +138,7 @@ def resolve_envs(names: Sequence[str]) -> list[str]:
         else:
             raise ReproductionError(f"unknown env {name!r}; choose from {', '.join(sorted(jax_tasks.TASKS))} or "
                                     "metaworld:<task>")
-    return out
+    return list(dict.fromkeys(out))  # "reach" and "reach-v3" are one env
 
 
 def policy_config(preset: dict, env: str, conditioning: str, frozen_policy: str = ""):
@@ -356,8 +356,8 @@ def run_study(preset_name: str, out: Path, envs: Sequence[str] | None = None,
     needed = {chunking.Strategy(n).conditioning for n in strategies}
     needed = sorted(needed | ({"none"} if "remac" in needed else set()), key=CONDITIONINGS.index)
     out.mkdir(parents=True, exist_ok=True)
-    rows, policies = [], {}
-    for env in envs:
+    rows, policies, results = [], {}, {}
+    for i, env in enumerate(envs):
         for cond in needed:
             workdir = out / "policies" / f"{env.replace(':', '-')}-{cond}"
             print(f"== policy {env} / conditioning {cond}", flush=True)
@@ -375,7 +375,7 @@ def run_study(preset_name: str, out: Path, envs: Sequence[str] | None = None,
                       f"jerk {row['jerk']:.0f}", flush=True)
                 rows.append(row)
         # after every environment: a study of hours (the full preset) has readable partial results
-        done = envs[:envs.index(env) + 1]
+        done = envs[:i + 1]
         results = {"preset": preset_name, "envs": done, "planned_envs": envs, "strategies": strategies,
                    "runs": rows,
                    "setting": {"horizon": H, "execute_steps": s, "delays": list(delays),
