@@ -20,32 +20,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from atoll.kernels import _lazy
 from atoll.kernels.attention.cudnn import attention_cudnn
 from atoll.kernels.attention.reference import attention_backward_reference, attention_reference
 
-_LAZY = ("BlockSizes",)
-
-
-def __getattr__(name: str):
-    """The Mosaic GPU kernels load on first use: importing Pallas' Mosaic GPU
-    backend costs ~0.4 s, paid by every process that imports atoll otherwise."""
-    if name in _LAZY:
-        from atoll.kernels.attention import pallas_mgpu
-
-        return getattr(pallas_mgpu, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def attention_pallas(*args, **kwargs):
-    from atoll.kernels.attention import pallas_mgpu
-
-    return pallas_mgpu.attention_pallas(*args, **kwargs)
-
-
-def attention_backward_pallas(*args, **kwargs):
-    from atoll.kernels.attention import pallas_mgpu
-
-    return pallas_mgpu.attention_backward_pallas(*args, **kwargs)
+# The Mosaic GPU kernels load on first use (see atoll/kernels/_lazy.py).
+__getattr__ = _lazy.module_getattr(__name__, "pallas_mgpu", ("BlockSizes",))
+attention_pallas = _lazy.forwarder(f"{__name__}.pallas_mgpu", "attention_pallas")
+attention_backward_pallas = _lazy.forwarder(f"{__name__}.pallas_mgpu", "attention_backward_pallas")
 
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from atoll.kernels import _lazy
 from atoll.kernels.grouped_matmul.reference import (
     grouped_matmul_dense,
     grouped_matmul_transposed_dense,
@@ -41,29 +42,10 @@ from atoll.kernels.grouped_matmul.reference import (
 
 IMPLEMENTATIONS = ("xla", "dense", "pallas")
 
-_LAZY = ("BlockSizes",)
-
-
-def __getattr__(name: str):
-    """The Mosaic GPU kernels load on first use: importing Pallas' Mosaic GPU
-    backend costs ~0.4 s, paid by every process that imports atoll otherwise."""
-    if name in _LAZY:
-        from atoll.kernels.grouped_matmul import pallas_mgpu
-
-        return getattr(pallas_mgpu, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def grouped_matmul_pallas(*args, **kwargs):
-    from atoll.kernels.grouped_matmul import pallas_mgpu
-
-    return pallas_mgpu.grouped_matmul_pallas(*args, **kwargs)
-
-
-def grouped_matmul_transposed_pallas(*args, **kwargs):
-    from atoll.kernels.grouped_matmul import pallas_mgpu
-
-    return pallas_mgpu.grouped_matmul_transposed_pallas(*args, **kwargs)
+# The Mosaic GPU kernels load on first use (see atoll/kernels/_lazy.py).
+__getattr__ = _lazy.module_getattr(__name__, "pallas_mgpu", ("BlockSizes",))
+grouped_matmul_pallas = _lazy.forwarder(f"{__name__}.pallas_mgpu", "grouped_matmul_pallas")
+grouped_matmul_transposed_pallas = _lazy.forwarder(f"{__name__}.pallas_mgpu", "grouped_matmul_transposed_pallas")
 
 
 def grouped_matmul_reference(x_MD: jax.Array, w_GDF: jax.Array, group_sizes_G: jax.Array) -> jax.Array:
