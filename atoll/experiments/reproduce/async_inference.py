@@ -16,11 +16,16 @@ The study, per environment of the JAX suite:
               time), vlash (robot state offset by δ ~ U{0..d_max}) and faster
               (prefixes + per-action clocks). Same architecture, steps, data
               and seed.
-  execution   H actions predicted, s executed per chunk, the same s at every d
-              (so d = 0 is the delay-free baseline of the same execution), and
-              d_max <= s <= H - d_max; d is the inference delay in control steps
-              (atoll.envs.latency: asynchronous strategies keep the old chunk
-              running, sync pauses robot and world and pays in time).
+  execution   H actions predicted, s = max(s_min, d) executed per chunk
+              (asynchronous execution keeps one inference in flight, so it
+              needs d <= s <= H - d), and d = 0 at every s in use as well, the
+              delay-free baseline of the same execution (`executions`); d is
+              the inference delay in control steps (atoll.envs.latency:
+              asynchronous strategies keep the old chunk running, sync pauses
+              robot and world and pays in time). On tasks that punish
+              open-loop execution, a fixed s = d_max would put every cell
+              near the floor: the full preset's plain intercept policy
+              succeeds 93.5% at s = 4 and 55.5% at s = 8 without any delay.
   evaluation  the final EMA policy of each, on the same `episodes` episodes of
               eval seed 2000 for every strategy and delay (paired comparisons),
               reporting success (95% Wilson interval), episode time in seconds
@@ -37,8 +42,9 @@ names the environments still to come).
 
 Presets: `ci` is intercept with H = 8, s = 4, d in {0, 1, 2, 4}, a DiT of width
 64 and depth 2, 1500 steps, 1000 evaluation episodes: a 2-core CPU job of
-about half an hour. `full` adds waypoints, H = 16, s = 8, d up to 8 (ci's
-DiT, 2000 steps of batch 128), and Meta-World reach and push
+about half an hour. `full` adds waypoints, H = 16, s_min = 4, d up to 8 (so
+s = 8 at d = 8, with its own d = 0 baseline; ci's DiT, 2000 steps of batch
+128), and Meta-World reach and push
 ("metaworld:<task>": policy.py:metaworld at the CPU size of
 docs/REPRODUCTIONS.md, 50 episodes per cell, MuJoCo stepping on the CPU;
 VLASH rolls the hand position forward by the actions' offsets): an estimated
@@ -72,7 +78,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CPU-sized (the intercept variant's DiT, 4000 steps of batch 256 and 2048 episodes a cell would take
     # 5-6 h here): ci's DiT and training at twice the chunk, 1000 episodes a cell
     "full": {"envs": ("intercept", "waypoints", "metaworld:reach-v3", "metaworld:push-v3"), "delays": (0, 1, 2, 4, 8),
-             "horizon": 16, "execute_steps": 8, "episodes": 1000,
+             "horizon": 16, "execute_steps": 4, "episodes": 1000,  # s_min: s = 8 only at d = 8
              "model": {"dim": 64, "depth": 2, "heads": 2},
              "train": {"steps": 2000, "batch_size": 128, "lr": 2e-3, "warmup_steps": 100, "log_every": 100,
                        "checkpoint_every": 500},
@@ -139,6 +145,15 @@ def resolve_envs(names: Sequence[str]) -> list[str]:
             raise ReproductionError(f"unknown env {name!r}; choose from {', '.join(sorted(jax_tasks.TASKS))} or "
                                     "metaworld:<task>")
     return list(dict.fromkeys(out))  # "reach" and "reach-v3" are one env
+
+
+def executions(delays: Sequence[int], s_min: int) -> list[tuple[int, int]]:
+    """The study's (d, s) cells, ordered by s then d: s = max(s_min, d) at every
+    d, and d = 0 at every larger s in use, the delay-free baseline of that
+    execution."""
+    cells = {(d, max(s_min, d)) for d in delays}
+    cells |= {(0, s) for _, s in cells if s != s_min}
+    return sorted(cells, key=lambda ds: (ds[1], ds[0]))
 
 
 def policy_config(preset: dict, env: str, conditioning: str, frozen_policy: str = ""):
@@ -229,9 +244,10 @@ def evaluate_or_reuse(path: Path, workdir: Path, env: str, strategy: str, d: int
 
 def acceptance(rows: Sequence[dict], env: str, d: int = ACCEPTANCE_DELAY) -> dict | None:
     """The issue's ci checks on one env at delay d: naive loses >= 10 points
-    against d = 0; some of rtc / vlash / prefix / remac is within 5 points of d = 0 and
-    finishes episodes faster than sync at d."""
-    cell = {(r["strategy"], r["d"]): r for r in rows if r["env"] == env}
+    against d = 0 (at the same s); some of rtc / vlash / prefix / remac is within
+    5 points of d = 0 and finishes episodes faster than sync at d."""
+    s = next((r["s"] for r in rows if r["env"] == env and r["strategy"] == "naive_async" and r["d"] == d), None)
+    cell = {(r["strategy"], r["d"]): r for r in rows if r["env"] == env and r["s"] == s}
     base = cell.get(("naive_async", 0))
     naive, sync = cell.get(("naive_async", d)), cell.get(("sync", d))
     if base is None or naive is None:
@@ -244,7 +260,7 @@ def acceptance(rows: Sequence[dict], env: str, d: int = ACCEPTANCE_DELAY) -> dic
         recovered.append({"strategy": name, "success": r["success"], "gap": base["success"] - r["success"],
                           "within_5": base["success"] - r["success"] <= 0.05,
                           "faster_than_sync": sync is not None and r["episode_time"] < sync["episode_time"]})
-    return {"env": env, "d": d, "d0_success": base["success"], "naive_success": naive["success"],
+    return {"env": env, "d": d, "s": s, "d0_success": base["success"], "naive_success": naive["success"],
             "naive_loss": base["success"] - naive["success"],
             "naive_loses_10": base["success"] - naive["success"] >= 0.10,
             "sync_time": None if sync is None else sync["episode_time"], "recovering": recovered,
@@ -261,26 +277,28 @@ def _pct(x: float | None) -> str:
 
 def results_markdown(results: dict) -> str:
     rows, setting = results["runs"], results["setting"]
+    s_min = setting["execute_steps"]
     lines = [f"# Chunk policies under inference delay, preset `{results['preset']}`", "",
              f"Flow DiT policies trained on scripted-expert demos; H = {setting['horizon']} predicted, "
-             f"s = {setting['execute_steps']} executed per chunk at every delay; the same episodes of eval seed "
-             f"{EVAL_SEED} for every strategy and delay of an environment. d: inference delay in "
-             "control steps. Cells: success (mean episode time in s). Sync pauses robot and world while it infers, "
-             "so its success is d = 0's and its time grows with d.", ""]
+             f"s = max({s_min}, d) executed per chunk (columns at a larger s name it and have their own d = 0); "
+             f"the same episodes of eval seed {EVAL_SEED} for every strategy and delay of an environment. d: "
+             "inference delay in control steps. Cells: success (mean episode time in s). Sync pauses robot and "
+             "world while it infers, so its success is d = 0's at the same s and its time grows with d.", ""]
     planned = results.get("planned_envs", results["envs"])
     if len(results["envs"]) < len(planned):
         lines += [f"**Partial: {len(results['envs'])} of {len(planned)} environments done** (still to come: "
                   f"{', '.join(planned[len(results['envs']):])}; the same command continues the study).", ""]
     for env in results["envs"]:
-        cell = {(r["strategy"], r["d"]): r for r in rows if r["env"] == env}
-        delays = sorted({r["d"] for r in rows if r["env"] == env})
+        cell = {(r["strategy"], r["d"], r["s"]): r for r in rows if r["env"] == env}
+        columns = sorted({(r["d"], r["s"]) for r in rows if r["env"] == env}, key=lambda ds: (ds[1], ds[0]))
+        head = [f"d = {d}" if s == s_min else f"d = {d}, s = {s}" for d, s in columns]
         episodes = sorted({r["episodes"] for r in rows if r["env"] == env})
-        lines += [f"## {env}", "", f"{', '.join(map(str, episodes))} episodes per cell.", "", "| strategy | " + " | ".join(f"d = {d}" for d in delays) + " | jerk at d = "
-                  f"{delays[-1]} |", "|---|" + "---|" * (len(delays) + 1)]
+        lines += [f"## {env}", "", f"{', '.join(map(str, episodes))} episodes per cell.", "",
+                  "| strategy | " + " | ".join(head) + f" | jerk at {head[-1]} |", "|---|" + "---|" * (len(columns) + 1)]
         for name in results["strategies"]:
-            cells = [f"{_pct(cell[(name, d)]['success'])} ({cell[(name, d)]['episode_time']:.2f})"
-                     if (name, d) in cell else "–" for d in delays]
-            last = cell.get((name, delays[-1]))
+            cells = [f"{_pct(cell[(name, *ds)]['success'])} ({cell[(name, *ds)]['episode_time']:.2f})"
+                     if (name, *ds) in cell else "–" for ds in columns]
+            last = cell.get((name, *columns[-1]))
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {'–' if last is None else format(last['jerk'], '.0f')} |")
         lines.append("")
         acc = acceptance(rows, env)
@@ -291,7 +309,7 @@ def results_markdown(results: dict) -> str:
 
 
 def acceptance_lines(acc: dict) -> list[str]:
-    out = [f"Acceptance (the issue's `ci` checks at d = {acc['d']}): naive asynchronous execution succeeds "
+    out = [f"Acceptance (the issue's `ci` checks at d = {acc['d']}, s = {acc.get('s')}): naive asynchronous execution succeeds "
            f"{_pct(acc['naive_success'])} against {_pct(acc['d0_success'])} at d = 0, a loss of "
            f"{100 * acc['naive_loss']:.1f} points ({'≥' if acc['naive_loses_10'] else '<'} 10)."]
     for r in acc["recovering"]:
@@ -320,14 +338,17 @@ def plot(out: Path, results: dict) -> list[Path]:
     fig, axes = outputs.subplots(1, len(envs), figsize=(5.5 * len(envs), 4), squeeze=False)
     fig2, axes2 = outputs.subplots(2, len(envs), figsize=(5.5 * len(envs), 6.5), squeeze=False)
     for i, env in enumerate(envs):
-        for name in results["strategies"]:
-            pts = sorted((r["d"], r) for r in rows if r["env"] == env and r["strategy"] == name)
-            if not pts:
-                continue
-            ds = [d for d, _ in pts]
-            axes[0][i].plot(ds, [r["success"] for _, r in pts], "o-", label=name)
-            axes2[0][i].plot(ds, [r["episode_time"] for _, r in pts], "o-", label=name)
-            axes2[1][i].plot(ds, [r["jerk"] for _, r in pts], "o-", label=name)
+        s_min = results["setting"]["execute_steps"]
+        for j, name in enumerate(results["strategies"]):
+            color = f"C{j % 10}"
+            for s in sorted({r["s"] for r in rows if r["env"] == env and r["strategy"] == name}):
+                pts = sorted(((r["d"], r) for r in rows if r["env"] == env and r["strategy"] == name and r["s"] == s),
+                             key=lambda p: p[0])
+                ds, style = [d for d, _ in pts], "o-" if s == s_min else "s--"  # a larger s: its own d = 0
+                label = name if s == s_min else f"{name}, s = {s}"
+                axes[0][i].plot(ds, [r["success"] for _, r in pts], style, color=color, label=label)
+                axes2[0][i].plot(ds, [r["episode_time"] for _, r in pts], style, color=color, label=label)
+                axes2[1][i].plot(ds, [r["jerk"] for _, r in pts], style, color=color, label=label)
         axes[0][i].set(title=env, xlabel="inference delay d (control steps)", ylabel="success rate", ylim=(-0.02, 1.02))
         axes2[0][i].set(title=env, ylabel="mean episode time (s)")
         axes2[1][i].set(xlabel="inference delay d (control steps)", ylabel="mean jerk of the command")
@@ -350,9 +371,11 @@ def run_study(preset_name: str, out: Path, envs: Sequence[str] | None = None,
     preset = dict(preset or PRESETS[preset_name])
     envs = resolve_envs(envs) if envs else list(preset["envs"])
     strategies = resolve(strategies, chunking.STRATEGIES, "strategy")
-    H, s, delays = preset["horizon"], preset["execute_steps"], tuple(preset["delays"])
+    H, s_min, delays = preset["horizon"], preset["execute_steps"], tuple(preset["delays"])
+    cells = executions(delays, s_min)
     for name in strategies:
-        chunking.check_horizons(name, max(delays), s, H)
+        for d, s in cells:
+            chunking.check_horizons(name, d, s, H)
     needed = {chunking.Strategy(n).conditioning for n in strategies}
     needed = sorted(needed | ({"none"} if "remac" in needed else set()), key=CONDITIONINGS.index)
     out.mkdir(parents=True, exist_ok=True)
@@ -368,17 +391,18 @@ def run_study(preset_name: str, out: Path, envs: Sequence[str] | None = None,
         episodes = preset["metaworld"]["episodes"] if env.startswith(METAWORLD) else preset["episodes"]
         for name in strategies:
             workdir = out / "policies" / f"{env.replace(':', '-')}-{chunking.Strategy(name).conditioning}"
-            for d in delays:
+            for d, s in cells:
                 path = out / "evals" / f"{env.replace(':', '-')}-{name}-d{d}-s{s}.json"
                 row = evaluate_or_reuse(path, workdir, env, name, d, s, episodes)
-                print(f"   {env} {name:>17} d={d}: success {row['success']:.1%}, time {row['episode_time']:.2f} s, "
+                print(f"   {env} {name:>17} d={d} s={s}: success {row['success']:.1%}, time {row['episode_time']:.2f} s, "
                       f"jerk {row['jerk']:.0f}", flush=True)
                 rows.append(row)
         # after every environment: a study of hours (the full preset) has readable partial results
         done = envs[:i + 1]
         results = {"preset": preset_name, "envs": done, "planned_envs": envs, "strategies": strategies,
                    "runs": rows,
-                   "setting": {"horizon": H, "execute_steps": s, "delays": list(delays),
+                   "setting": {"horizon": H, "execute_steps": s_min, "delays": list(delays),
+                               "cells": [list(ds) for ds in cells],
                                "episodes": preset["episodes"], "eval_seed": EVAL_SEED,
                                "train_steps": preset["train"].get("steps")},
                    "policies": [{"env": e, "conditioning": c, **v} for (e, c), v in policies.items()],
