@@ -309,7 +309,8 @@ def results_markdown(results: dict) -> str:
 
 
 def acceptance_lines(acc: dict) -> list[str]:
-    out = [f"Acceptance (the issue's `ci` checks at d = {acc['d']}, s = {acc.get('s')}): naive asynchronous execution succeeds "
+    out = [f"Acceptance (the issue's `ci` checks at d = {acc['d']}, s = {acc['s']}): naive asynchronous execution "
+           "succeeds "
            f"{_pct(acc['naive_success'])} against {_pct(acc['d0_success'])} at d = 0, a loss of "
            f"{100 * acc['naive_loss']:.1f} points ({'≥' if acc['naive_loses_10'] else '<'} 10)."]
     for r in acc["recovering"]:
@@ -394,8 +395,8 @@ def run_study(preset_name: str, out: Path, envs: Sequence[str] | None = None,
             for d, s in cells:
                 path = out / "evals" / f"{env.replace(':', '-')}-{name}-d{d}-s{s}.json"
                 row = evaluate_or_reuse(path, workdir, env, name, d, s, episodes)
-                print(f"   {env} {name:>17} d={d} s={s}: success {row['success']:.1%}, time {row['episode_time']:.2f} s, "
-                      f"jerk {row['jerk']:.0f}", flush=True)
+                print(f"   {env} {name:>17} d={d} s={s}: success {row['success']:.1%}, "
+                      f"time {row['episode_time']:.2f} s, jerk {row['jerk']:.0f}", flush=True)
                 rows.append(row)
         # after every environment: a study of hours (the full preset) has readable partial results
         done = envs[:i + 1]
