@@ -23,9 +23,11 @@ The study, per environment of the JAX suite:
               the inference delay in control steps (atoll.envs.latency:
               asynchronous strategies keep the old chunk running, sync pauses
               robot and world and pays in time). On tasks that punish
-              open-loop execution, a fixed s = d_max would put every cell
-              near the floor: the full preset's plain intercept policy
-              succeeds 93.5% at s = 4 and 55.5% at s = 8 without any delay.
+              open-loop execution, a fixed s = d_max would lower every
+              baseline before any delay: the full preset's plain intercept
+              policy succeeds 93.5% at s = 4 and 55.5% at s = 8 at d = 0.
+              Policies train for s_min (remac's stale plans lag by s_min), so
+              the cells at a larger s run remac beyond its training lag.
   evaluation  the final EMA policy of each, on the same `episodes` episodes of
               eval seed 2000 for every strategy and delay (paired comparisons),
               reporting success (95% Wilson interval), episode time in seconds
@@ -48,7 +50,7 @@ s = 8 at d = 8, with its own d = 0 baseline; ci's DiT, 2000 steps of batch
 ("metaworld:<task>": policy.py:metaworld at the CPU size of
 docs/REPRODUCTIONS.md, 50 episodes per cell, MuJoCo stepping on the CPU;
 VLASH rolls the hand position forward by the actions' offsets): an estimated
-2.5 h on a 2-core CPU, most of it the Meta-World evaluations. Any Meta-World
+2.5-3 h on a 2-core CPU, most of it the Meta-World evaluations. Any Meta-World
 task joins with --envs=metaworld:<task>.
 """
 
@@ -209,7 +211,7 @@ def train_policy_or_reuse(workdir: Path, config, progress: bool) -> dict:
 
 
 def evaluate_or_reuse(path: Path, workdir: Path, env: str, strategy: str, d: int, s: int, episodes: int) -> dict:
-    """One (env, strategy, d) cell: success, time and jerk over `episodes` episodes."""
+    """One (env, strategy, d, s) cell: success, time and jerk over `episodes` episodes."""
     if path.exists():
         return json.loads(path.read_text())
     from absl import logging
