@@ -340,8 +340,8 @@ def plot(out: Path, results: dict) -> list[Path]:
     rows, envs = results["runs"], results["envs"]
     fig, axes = outputs.subplots(1, len(envs), figsize=(5.5 * len(envs), 4), squeeze=False)
     fig2, axes2 = outputs.subplots(2, len(envs), figsize=(5.5 * len(envs), 6.5), squeeze=False)
+    s_min = results["setting"]["execute_steps"]
     for i, env in enumerate(envs):
-        s_min = results["setting"]["execute_steps"]
         for j, name in enumerate(results["strategies"]):
             color = f"C{j % 10}"
             for s in sorted({r["s"] for r in rows if r["env"] == env and r["strategy"] == name}):
