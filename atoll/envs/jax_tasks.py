@@ -81,6 +81,8 @@ import numpy as np
 
 # Column ranges of the observation vector, shared by both tasks.
 OBS_LAYOUT = {"pos": slice(0, 2), "vel": slice(2, 4), "target_pos": slice(4, 6), "target_vel": slice(6, 8)}
+# The agent's own state, what `roll_forward` advances (VLASH's offsets in training shift the same rows).
+ROBOT_STATE = slice(0, 4)
 
 PolicyFn = Callable[..., Any]  # (obs_D, key) -> action_A, or (carry, obs_D, key) -> (carry, action_A)
 

@@ -190,7 +190,9 @@ def metaworld_async_episodes(task: str, strategy: chunking.Strategy, act_fn: Asy
     `batch` environments in lockstep, one sampler call per cycle for all of
     them): per episode success, length, time (s) and jerk of the commanded hand
     path (metaworld.action_jerk, m/s³). Episodes 0..episodes-1 of `seed`
-    (EnvBatch's), delays drawn from a generator seeded with `seed`. VLASH rolls
+    (EnvBatch's), delays drawn per block of `batch` episodes from a generator
+    seeded with (seed, the block's first episode), so every strategy sees the
+    same delays cycle by cycle however long its other blocks run. VLASH rolls
     the hand position forward (metaworld.roll_forward)."""
     from tqdm.auto import tqdm
 
@@ -201,7 +203,6 @@ def metaworld_async_episodes(task: str, strategy: chunking.Strategy, act_fn: Asy
     d_plan = len(probs) - 1
     H, s = horizon, execute_steps
     chunking.check_horizons(strategy.name, d_plan, s, H)
-    rng = np.random.default_rng(seed)
     key = jax.random.key(seed)
     out = {"success": np.zeros(episodes, bool), "length": np.full(episodes, max_steps, np.int64),
            "time": np.zeros(episodes), "jerk": np.zeros(episodes)}
@@ -211,6 +212,7 @@ def metaworld_async_episodes(task: str, strategy: chunking.Strategy, act_fn: Asy
         dt = envs.envs[0].dt
         for start in range(0, episodes, batch):
             ids = np.arange(start, min(start + batch, episodes))
+            rng = np.random.default_rng([seed, start])
             B, A = len(ids), envs.action_dim
             obs_BO = np.asarray(envs.reset(list(ids)), np.float32)
             hist = chunk_policy.history_init(obs_BO, obs_horizon)

@@ -229,14 +229,18 @@ class EnvBatch:
 # Sawyer's action: xyz moves the hand's mocap target by action · ACTION_SCALE metres
 # (clipped to [-1, 1] first); the fourth entry drives the gripper.
 ACTION_SCALE = 1.0 / 100
+# The hand position, what `roll_forward` advances (VLASH's offsets in training shift the same
+# rows); the gripper opening follows its effort command with dynamics no action sum predicts.
+ROBOT_STATE = slice(0, 3)
 
 
 def roll_forward(obs_D: np.ndarray, actions_KA: np.ndarray, n: int) -> np.ndarray:
-    """VLASH's rolled-forward state for Meta-World: the hand position (obs[0:3])
-    moved by the first n actions' xyz offsets (the mocap target the hand
-    follows; its lag and the workspace clip are ignored), the rest as observed."""
+    """VLASH's rolled-forward state for Meta-World: the hand position
+    (obs[ROBOT_STATE]) moved by the first n actions' xyz offsets (the mocap
+    target the hand follows; its lag and the workspace clip are ignored), the
+    rest, the gripper opening included, as observed."""
     out = np.array(obs_D, np.float32, copy=True)
-    out[0:3] += ACTION_SCALE * np.clip(np.asarray(actions_KA)[:n, :3], -1, 1).sum(0)
+    out[ROBOT_STATE] += ACTION_SCALE * np.clip(np.asarray(actions_KA)[:n, :3], -1, 1).sum(0)
     return out
 
 

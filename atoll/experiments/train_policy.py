@@ -92,19 +92,27 @@ def load_demos(config, progress: bool = True) -> demos_lib.Demos:
         raise DataError(str(e)) from e
 
 
-# The robot's own state in the observation (what VLASH rolls forward): position
-# and velocity in the JAX suite, hand position and gripper in Meta-World.
-ROBOT_STATE = slice(0, 4)
+def robot_state(suite: str) -> slice:
+    """The robot's own state in a suite's observation: what VLASH rolls forward at
+    run time (each suite's `roll_forward`), so what its training offsets shift:
+    position and velocity in the JAX suite, the hand position in Meta-World."""
+    if suite == "metaworld":
+        from atoll.envs import metaworld
+
+        return metaworld.ROBOT_STATE
+    return jax_tasks.ROBOT_STATE
 
 
-def windows(demos: demos_lib.Demos, obs_norm, act_norm, obs_horizon: int, action_horizon: int, offsets: int = 0):
+def windows(demos: demos_lib.Demos, obs_norm, act_norm, obs_horizon: int, action_horizon: int, offsets: int = 0,
+            robot_state_rows: slice = jax_tasks.ROBOT_STATE):
     """Normalized training windows: (obs_NTO, actions_NHA) numpy arrays, one per demo step.
 
     offsets > 0 adds VLASH's augmentation: for every δ in 1..offsets another
-    window per step whose newest observation carries the robot state of step
-    t + δ and whose actions start there (clamped at the episode's end), while
-    the rest of the observation stays at step t, as at run time, where the
-    robot state is rolled forward through the actions that run during inference."""
+    window per step whose newest observation carries the robot state
+    (robot_state_rows) of step t + δ and whose actions start there (clamped at
+    the episode's end), while the rest of the observation stays at step t, as
+    at run time, where the robot state is rolled forward through the actions
+    that run during inference."""
     obs_idx_NT, act_idx_NH = demos_lib.window_indices(demos.episode_ends_E, obs_horizon, action_horizon)
     obs_ND = np.asarray(obs_norm.normalize(demos.obs_ND), np.float32)
     act_NA = np.asarray(act_norm.normalize(demos.actions_NA), np.float32)
@@ -114,7 +122,7 @@ def windows(demos: demos_lib.Demos, obs_norm, act_norm, obs_horizon: int, action
     for delta in range(1, offsets + 1):
         later_N = np.minimum(np.arange(last_N.size) + delta, last_N)
         shifted = obs_ND[obs_idx_NT].copy()
-        shifted[:, -1, ROBOT_STATE] = obs_ND[later_N, ROBOT_STATE]
+        shifted[:, -1, robot_state_rows] = obs_ND[later_N, robot_state_rows]
         obs_NTO.append(shifted)
         act_NHA.append(act_NA[act_idx_NH[later_N]])
     return np.concatenate(obs_NTO), np.concatenate(act_NHA)
@@ -338,7 +346,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
     act_norm = policy_nets.fit_normalizer(demos.actions_NA, config.normalizer)
     conditioning, max_delay = config.policy.conditioning, config.policy.max_delay
     obs_NTO, act_NHA = windows(demos, obs_norm, act_norm, config.policy.obs_horizon, config.policy.action_horizon,
-                               offsets=max_delay if conditioning == "vlash" else 0)
+                               offsets=max_delay if conditioning == "vlash" else 0,
+                               robot_state_rows=robot_state(config.env.suite))
     arrays, frozen_record = (obs_NTO, act_NHA), None
     if conditioning == "remac":  # before anything is written: a bad frozen_policy leaves the workdir as it was
         frozen, frozen_weights, frozen_record = load_frozen(config, demos, workdir)

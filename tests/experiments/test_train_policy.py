@@ -167,6 +167,40 @@ def test_vlash_windows_carry_the_robot_state_of_a_later_step():
             assert act_NHA[row, 0, 0] == later  # actions start at t + δ
 
 
+def test_vlash_offsets_shift_what_each_suites_roll_forward_moves():
+    """Training's offsets and run time's roll-forward touch the same rows: in
+    Meta-World the hand position, not the gripper opening (obs[3]), which
+    roll_forward leaves as observed; in the JAX suite position and velocity."""
+    import jax.numpy as jnp
+
+    from atoll.core import policy as policy_nets
+    from atoll.data import demos as demos_lib
+    from atoll.envs import jax_tasks, metaworld
+    from atoll.experiments.train_policy import robot_state, windows
+
+    def moved(before, after):
+        return set(np.flatnonzero(np.asarray(before) != np.asarray(after)))
+
+    obs_D = np.arange(1, 40, dtype=np.float32)
+    rolled = metaworld.roll_forward(obs_D, np.full((3, 4), 0.5, np.float32), 2)
+    rows = robot_state("metaworld")
+    assert moved(obs_D, rolled) == set(range(39)[rows]) == {0, 1, 2}
+
+    task = jax_tasks.make_task("intercept")
+    obs = jnp.asarray(np.linspace(0.1, 0.8, 8, dtype=np.float32))  # inside the arena: no wall clips
+    rolled = task.roll_forward(obs, jnp.ones((2, 2)), 2)
+    assert moved(obs, rolled) == set(range(8)[robot_state("jax")]) == {0, 1, 2, 3}
+
+    steps = np.arange(4, dtype=np.float32)  # one episode; values = step index + 100 · column
+    obs = np.repeat(steps[:, None], 6, axis=1) + np.arange(6)[None] * 100
+    demos = demos_lib.Demos(obs, np.repeat(steps[:, None], 4, axis=1), np.asarray([4]), {})
+    ident = policy_nets.Normalizer(np.zeros(6, np.float32), np.ones(6, np.float32))
+    ident_a = policy_nets.Normalizer(np.zeros(4, np.float32), np.ones(4, np.float32))
+    obs_NTO, _ = windows(demos, ident, ident_a, obs_horizon=1, action_horizon=2, offsets=1, robot_state_rows=rows)
+    assert np.all(obs_NTO[4 + 1, -1, :3] == obs[2, :3])  # step 1's window, offset 1: the hand of step 2
+    assert np.all(obs_NTO[4 + 1, -1, 3:] == obs[1, 3:])  # the gripper opening as observed at step 1
+
+
 def test_frozen_plans_are_the_running_chunk_aligned_to_each_step():
     """REMAC's source for step t is the chunk planned s steps earlier (clamped to
     the episode's first step), read from the row for step t on, its tail

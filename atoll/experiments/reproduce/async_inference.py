@@ -407,6 +407,7 @@ def run_study(preset_name: str, out: Path, envs: Sequence[str] | None = None,
                    "setting": {"horizon": H, "execute_steps": s_min, "delays": list(delays),
                                "cells": [list(ds) for ds in cells],
                                "episodes": preset["episodes"], "eval_seed": EVAL_SEED,
+                               "metaworld_episodes": preset.get("metaworld", {}).get("episodes"),
                                "train_steps": preset["train"].get("steps")},
                    "policies": [{"env": e, "conditioning": c, **v} for (e, c), v in policies.items()],
                    "acceptance": [a for a in (acceptance(rows, e) for e in done) if a]}
