@@ -108,7 +108,7 @@ class Runtime:
         rows = self._plan[: self.H]
         return np.concatenate([rows, np.repeat(rows[-1:], self.H - len(rows), 0)]) if len(rows) < self.H else rows
 
-    def _merge(self, chunk: np.ndarray, d: int, d_plan: int, old: np.ndarray | None, old_rows: int) -> None:
+    def _merge(self, chunk: np.ndarray, d: int, d_plan: int, old: np.ndarray | None) -> None:
         name = self.strategy.name
         if name == "temporal_ensemble":
             self._votes.append((self.stats.ticks - d, chunk))
@@ -121,8 +121,7 @@ class Runtime:
         if name == "vlash":
             self._plan = np.concatenate([old[d:d_plan], chunk]) if d < d_plan else chunk[d - d_plan:]
         elif name == "fused" and d <= self.H - 3:  # the fuser needs three rows from the seam on
-            fused = np.asarray(chunking.fuse(old[None], chunk[None], d, self.strategy.fuse_steps,
-                                             prev_rows=max(old_rows, 1)))[0]
+            fused = np.asarray(chunking.fuse(old[None], chunk[None], d, self.strategy.fuse_steps))[0]
             self._plan = fused[d:]
         else:
             self._plan = chunk[d:]
@@ -148,9 +147,7 @@ class Runtime:
         obs = self.get_obs()
         d_plan = self.delay.estimate
         old = self._aligned()
-        old_rows = 0 if self._plan is None else min(len(self._plan), self.H)  # the rest of `old` is padding
-        box: dict[str, Any] = {"obs": obs, "d_plan": d_plan, "old": old, "old_rows": old_rows, "consumed": 0,
-                               "done": threading.Event()}
+        box: dict[str, Any] = {"obs": obs, "d_plan": d_plan, "old": old, "consumed": 0, "done": threading.Event()}
 
         def work():
             try:
@@ -170,7 +167,7 @@ class Runtime:
         self.delay.record(d)
         self.stats.delays.append(d)
         self.stats.chunks += 1
-        self._merge(box["chunk"], d, box["d_plan"], box["old"], box["old_rows"])
+        self._merge(box["chunk"], d, box["d_plan"], box["old"])
 
     def run(self, steps: int) -> RuntimeStats:
         period = 1.0 / self.hz
