@@ -49,9 +49,9 @@ s = 8 at d = 8, with its own d = 0 baseline; ci's DiT, 2000 steps of batch
 128), and Meta-World reach and push
 ("metaworld:<task>": policy.py:metaworld at the CPU size of
 docs/REPRODUCTIONS.md, 50 episodes per cell, MuJoCo stepping on the CPU;
-VLASH rolls the hand position forward by the actions' offsets): an estimated
-2.5-3 h on a 2-core CPU, most of it the Meta-World evaluations. Any Meta-World
-task joins with --envs=metaworld:<task>.
+VLASH rolls the hand position forward by the actions' offsets): about 4 h
+of process time on a 2-core CPU (2026-11-30, partly shared), most of it the
+JAX-suite evaluations. Any Meta-World task joins with --envs=metaworld:<task>.
 """
 
 from __future__ import annotations
